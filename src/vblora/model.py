@@ -1,0 +1,438 @@
+"""VBLoRAModel: injects VB-LoRA into any ``nn.Module`` and manages its adapters.
+
+The model owns one :class:`~vblora.bank.AdapterBank` per adapter (``vblora_banks.<name>``);
+wrapped layers hold plain references to them. A forward pre-hook on the base model refreshes
+the active banks once per pass: one batched composition per adapter, cached in inference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
+from os import PathLike
+from typing import Any
+
+import torch
+from torch import nn
+
+from .bank import AdapterBank, build_layout
+from .config import VBLoRAConfig
+from .layer import ModulesToSaveWrapper, VBLoRALayer, layer_features
+from .targeting import find_modules_to_save, find_targets
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, module)
+
+
+def _divisibility_error(path: str, in_features: int, out_features: int, b: int) -> ValueError:
+    import math
+
+    g = math.gcd(in_features, out_features)
+    options = [d for d in (512, 256, 128, 64, 32, 16, 8, 4, 2, 1) if g % d == 0][:3]
+    side = "in_features" if in_features % b else "out_features"
+    size = in_features if in_features % b else out_features
+    return ValueError(
+        f"{path}: {side} {size} is not divisible by vector_length {b} (layer is {in_features} -> "
+        f"{out_features}); choose a vector_length that divides every targeted dimension, e.g. "
+        f"{options}, or leave this module out with exclude_modules"
+    )
+
+
+class VBLoRAModel(nn.Module):
+    """A base model with VB-LoRA adapters.
+
+    Args:
+        model: the base model; adapted in place (its target layers are wrapped).
+        config: the first adapter's configuration.
+        adapter_name: the first adapter's name.
+    """
+
+    def __init__(self, model: nn.Module, config: VBLoRAConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, VBLoRAConfig] = {}
+        self.vblora_banks = nn.ModuleDict()
+        self._active: tuple[str, ...] = ()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.add_adapter(adapter_name, config)
+        self.set_adapter(adapter_name)
+        self._hook = model.register_forward_pre_hook(self._refresh_banks)
+
+    # ------------------------------------------------------------------ pass-through
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model.generate(*args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        return self.model
+
+    @property
+    def config(self) -> Any:
+        return getattr(self.model, "config", None)
+
+    def _refresh_banks(self, *_: Any) -> None:
+        for name in self._active:
+            self.vblora_banks[name].refresh()
+
+    # ------------------------------------------------------------------ iteration helpers
+    def vblora_layers(self) -> Iterator[VBLoRALayer]:
+        for module in self.model.modules():
+            if isinstance(module, VBLoRALayer):
+                yield module
+
+    def _save_wrappers(self) -> Iterator[ModulesToSaveWrapper]:
+        for module in self.model.modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                yield module
+
+    # ------------------------------------------------------------------ adapter lifecycle
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self._active[0] if len(self._active) == 1 else list(self._active)
+
+    def add_adapter(self, adapter_name: str, config: VBLoRAConfig) -> None:
+        """Inject a new adapter (inactive until :meth:`set_adapter`).
+
+        Raises:
+            ValueError: the name exists, a second adapter trains biases, no module matched, or a
+                module's dimensions are not divisible by ``vector_length``. The model is unchanged.
+        """
+        if not isinstance(config, VBLoRAConfig):
+            raise TypeError(f"config must be a VBLoRAConfig, got {type(config).__name__}")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or pick a new name")
+        if "." in adapter_name or not adapter_name:
+            raise ValueError(f"adapter name {adapter_name!r} must be non-empty and contain no '.'")
+        if config.bias != "none" and any(c.bias != "none" for c in self.peft_config.values()):
+            raise ValueError("only one adapter may train biases (bias != 'none')")
+        save_paths = find_modules_to_save(self.model, config.modules_to_save or ())
+        targets = find_targets(self.model, config, exclude=save_paths)
+        shapes = self._check_shapes(targets, config)
+        device = self._device_of(targets[0])
+        layout = build_layout(shapes, config.r, config.vector_length)
+        bank = AdapterBank(
+            layout,
+            config.num_vectors,
+            config.vector_length,
+            config.topk,
+            config.init_vector_bank_bound,
+            config.init_logits_std,
+            device=device,
+        )
+        bank.requires_grad_(False)
+        for path in targets:
+            layer = self.model.get_submodule(path)
+            if not isinstance(layer, VBLoRALayer):
+                layer = VBLoRALayer(layer, path)
+                _set_submodule(self.model, path, layer)
+            layer.add_adapter(adapter_name, bank, config.vblora_dropout)
+            if self._active:
+                layer.active_adapters = self._active
+        for path in save_paths:
+            wrapper = self.model.get_submodule(path)
+            if not isinstance(wrapper, ModulesToSaveWrapper):
+                wrapper = ModulesToSaveWrapper(wrapper)
+                _set_submodule(self.model, path, wrapper)
+            wrapper.add_adapter(adapter_name)
+            wrapper.modules_to_save[adapter_name].requires_grad_(False)
+        self.vblora_banks[adapter_name] = bank
+        self.peft_config[adapter_name] = config
+        if self._active:
+            self.set_adapter(list(self._active))
+
+    def _check_shapes(self, targets: list[str], config: VBLoRAConfig) -> list[tuple[str, int, int]]:
+        b = config.vector_length
+        shapes, flipped = [], []
+        for path in targets:
+            module = self.model.get_submodule(path)
+            base = module.base_layer if isinstance(module, VBLoRALayer) else module
+            in_features, out_features, fan_in_fan_out = layer_features(base)
+            if in_features % b or out_features % b:
+                raise _divisibility_error(path, in_features, out_features, b)
+            if config.fan_in_fan_out != fan_in_fan_out:
+                flipped.append(path)
+            shapes.append((path, in_features, out_features))
+        if flipped:
+            warnings.warn(
+                f"fan_in_fan_out={config.fan_in_fan_out} does not match {len(flipped)} layer(s) "
+                f"(e.g. {flipped[0]}); each layer's own weight layout is used (config unchanged)",
+                stacklevel=3,
+            )
+        return shapes
+
+    def _device_of(self, path: str) -> torch.device:
+        module = self.model.get_submodule(path)
+        weight = next(module.parameters(), None)
+        return weight.device if weight is not None else torch.device("cpu")
+
+    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
+        """Activate one adapter or several (their updates are summed); only they are trainable.
+
+        Adapters loaded as inference-only (top-k checkpoints) stay frozen.
+        """
+        names = (adapter_name,) if isinstance(adapter_name, str) else tuple(adapter_name)
+        missing = [n for n in names if n not in self.peft_config]
+        if missing or not names:
+            raise ValueError(f"unknown adapter(s) {missing or names}; existing: {list(self.peft_config)}")
+        self._check_save_conflicts(names)
+        self._active = names
+        for layer in self.vblora_layers():
+            layer.active_adapters = tuple(n for n in names if n in layer.banks)
+        for wrapper in self._save_wrappers():
+            wrapper.set_active(names)
+            for name, module in wrapper.modules_to_save.items():
+                module.requires_grad_(name == wrapper.active_adapter)
+        for name, bank in self.vblora_banks.items():
+            bank.requires_grad_(name in names and not bank.inference_only)
+        self._set_bias_trainable(names)
+
+    def _check_save_conflicts(self, names: tuple[str, ...]) -> None:
+        for wrapper in self._save_wrappers():
+            owners = [n for n in names if n in wrapper.modules_to_save]
+            if len(owners) > 1:
+                raise ValueError(
+                    f"adapters {owners} each have a trainable copy of the same module; "
+                    "only one of them can be active at a time"
+                )
+
+    def _set_bias_trainable(self, names: tuple[str, ...]) -> None:
+        bias = next((self.peft_config[n].bias for n in names if self.peft_config[n].bias != "none"), "none")
+        if bias == "all":
+            for pname, p in self.model.named_parameters():
+                if pname.endswith("bias") and ".modules_to_save." not in pname:
+                    p.requires_grad_(True)
+        elif bias == "vblora_only":
+            for layer in self.vblora_layers():
+                if getattr(layer.base_layer, "bias", None) is not None and layer.active_adapters:
+                    layer.base_layer.bias.requires_grad_(True)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove every trace of an adapter; wrappers left without adapters are unwrapped."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"unknown adapter {adapter_name!r}; existing: {list(self.peft_config)}")
+        layers = list(self.vblora_layers())
+        if any(adapter_name in layer.merged_adapters for layer in layers):
+            raise ValueError(f"adapter {adapter_name!r} is merged; unmerge_adapter() before deleting it")
+        for layer in layers:
+            layer.remove_adapter(adapter_name)
+            if not layer.banks:
+                _set_submodule(self.model, layer.path, layer.base_layer)
+        for wrapper in list(self._save_wrappers()):
+            wrapper.remove_adapter(adapter_name)
+        self._drop_empty_save_wrappers()
+        del self.vblora_banks[adapter_name]
+        del self.peft_config[adapter_name]
+        remaining = [n for n in self._active if n != adapter_name]
+        if not remaining and self.peft_config:
+            remaining = [next(iter(self.peft_config))]
+        self._active = ()
+        if remaining:
+            self.set_adapter(remaining)
+
+    def _drop_empty_save_wrappers(self) -> None:
+        for path, module in list(self.model.named_modules()):
+            if isinstance(module, ModulesToSaveWrapper) and not module.modules_to_save:
+                _set_submodule(self.model, path, module.original_module)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model alone; the previous state (merges included) is restored on exit."""
+        merged = self.merged_adapters
+        layers = list(self.vblora_layers())
+        wrappers = list(self._save_wrappers())
+        if merged:
+            self.unmerge_adapter()
+        for module in (*layers, *wrappers):
+            module.disabled = True
+        try:
+            yield
+        finally:
+            for module in (*layers, *wrappers):
+                module.disabled = False
+            if merged:
+                self.merge_adapter(merged)
+
+    # ------------------------------------------------------------------ merging
+    @property
+    def merged_adapters(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for layer in self.vblora_layers():
+            seen.update(dict.fromkeys(layer.merged_adapters))
+        return list(seen)
+
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
+        """Add ΔW of the given adapters (default: the active ones) into the base weights.
+
+        Arithmetic is fp32. With ``safe_merge`` every merged weight is checked for NaN/inf before
+        any weight is written. Adapters already merged are skipped with a warning.
+        """
+        names = list(self._active if adapter_names is None else adapter_names)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; existing: {list(self.peft_config)}")
+        already = [n for n in names if n in self.merged_adapters]
+        if already:
+            warnings.warn(f"adapter(s) {already} already merged; nothing to do for them", stacklevel=2)
+        names = [n for n in names if n not in already]
+        plan = [
+            (layer, name, layer.delta_weight(name))
+            for layer in self.vblora_layers()
+            for name in names
+            if name in layer.banks
+        ]
+        if safe_merge:
+            for layer, name, delta in plan:
+                if not torch.isfinite(layer._weight().float() + delta.to(layer._weight().device)).all():
+                    raise ValueError(
+                        f"merging adapter {name!r} would put NaN or inf into {layer.path}; nothing was merged"
+                    )
+        for layer, name, delta in plan:
+            layer.add_delta(delta, +1.0)
+            layer.merged_adapters.append(name)
+
+    def unmerge_adapter(self) -> None:
+        """Subtract every merged adapter's ΔW again (last merged first)."""
+        layers = [layer for layer in self.vblora_layers() if layer.merged_adapters]
+        if not layers:
+            warnings.warn("no adapter is merged; nothing to unmerge", stacklevel=2)
+        for layer in layers:
+            while layer.merged_adapters:
+                name = layer.merged_adapters.pop()
+                layer.add_delta(layer.delta_weight(name), -1.0)
+
+    def merge_and_unload(
+        self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
+    ) -> nn.Module:
+        """Merge the adapters into the base weights and return the plain base model."""
+        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        return self._unwrap(keep_trained_copies=True)
+
+    def unload(self) -> nn.Module:
+        """Remove the adapters without merging and return the plain base model."""
+        if self.merged_adapters:
+            self.unmerge_adapter()
+        return self._unwrap(keep_trained_copies=False)
+
+    def _unwrap(self, keep_trained_copies: bool) -> nn.Module:
+        for layer in list(self.vblora_layers()):
+            _set_submodule(self.model, layer.path, layer.base_layer)
+        for path, wrapper in list(self.model.named_modules()):
+            if isinstance(wrapper, ModulesToSaveWrapper):
+                active = wrapper.active_adapter
+                use_copy = keep_trained_copies and active is not None
+                chosen = wrapper.modules_to_save[active] if use_copy else wrapper.original_module
+                _set_submodule(self.model, path, chosen)
+        self._hook.remove()
+        return self.model
+
+    # ------------------------------------------------------------------ parameter counts
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable parameters, all parameters), each shared parameter counted once."""
+        params = list(self.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / max(total, 1):.4f}"
+        )
+
+    def get_nb_savable_parameters(self, adapter_name: str | None = None) -> tuple[int, int]:
+        """(VB-LoRA parameters to save in float32-equivalents, other parameters to save).
+
+        Counts one adapter only (PEFT mixes all adapters): the bank plus, with
+        ``save_only_topk_weights``, k indices and k-1 weights per sub-vector, else the full logits.
+        Other parameters are the adapter's trainable copies (``modules_to_save``) and trained biases.
+        """
+        name = adapter_name or self._active[0]
+        config, bank = self.peft_config[name], self.vblora_banks[name]
+        if config.save_only_topk_weights:
+            index_bytes = _index_dtype(config.num_vectors).itemsize
+            per_row = (config.topk - 1) + config.topk * index_bytes / 4
+            vblora = int(bank.bank.numel() + bank.num_subvectors * per_row)
+        else:
+            vblora = bank.bank.numel() + bank.logits.numel()
+        other = sum(p.numel() for w in self._save_wrappers() if name in w.modules_to_save
+                    for p in w.modules_to_save[name].parameters())
+        other += sum(p.numel() for p in _trained_biases(self, config))
+        return vblora, other
+
+    def print_savable_parameters(self, adapter_name: str | None = None) -> None:
+        vblora, other = self.get_nb_savable_parameters(adapter_name)
+        print(
+            f"VB-LoRA params to-be-saved (float32-equivalent): {vblora:,d} "
+            f"|| total params to-be-saved: {vblora + other:,d}"
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_pretrained(
+        self,
+        save_directory: str | PathLike[str],
+        adapter_name: str | Sequence[str] | None = None,
+        save_only_topk_weights: bool | None = None,
+    ) -> None:
+        """Write a PEFT-compatible adapter directory (see :mod:`vblora.checkpoint`)."""
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, save_directory, adapter_name, save_only_topk_weights)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        path: str | PathLike[str],
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+    ) -> VBLoRAModel:
+        """Wrap ``model`` with the adapter saved in ``path`` (ours or PEFT's)."""
+        from .checkpoint import from_pretrained
+
+        return from_pretrained(cls, model, path, adapter_name, is_trainable)
+
+    def load_adapter(
+        self, path: str | PathLike[str], adapter_name: str, is_trainable: bool = False
+    ) -> None:
+        """Add the adapter saved in ``path`` under ``adapter_name`` (inactive until set_adapter)."""
+        from .checkpoint import load_adapter
+
+        load_adapter(self, path, adapter_name, is_trainable)
+
+
+def _index_dtype(num_vectors: int) -> torch.dtype:
+    """PEFT's dtype for stored top-k indices."""
+    if num_vectors < 2**8:
+        return torch.uint8
+    if num_vectors < 2**15:
+        return torch.int16
+    if num_vectors < 2**31:
+        return torch.int32
+    return torch.int64
+
+
+def _trained_biases(model: VBLoRAModel, config: VBLoRAConfig) -> list[nn.Parameter]:
+    if config.bias == "all":
+        return [p for n, p in model.model.named_parameters() if n.endswith("bias") and ".modules_to_save." not in n]
+    if config.bias == "vblora_only":
+        return [
+            layer.base_layer.bias
+            for layer in model.vblora_layers()
+            if getattr(layer.base_layer, "bias", None) is not None
+        ]
+    return []
+
+
+def get_vblora_model(model: nn.Module, config: VBLoRAConfig, adapter_name: str = "default") -> VBLoRAModel:
+    """Wrap ``model`` in place with a new VB-LoRA adapter and return the :class:`VBLoRAModel`."""
+    return VBLoRAModel(model, config, adapter_name)

@@ -1,0 +1,151 @@
+"""Which modules to adapt, with PEFT's matching semantics.
+
+- a list matches a module whose path equals a name or ends with ``"." + name``;
+- a string is a regex matched against the full module path;
+- ``"all-linear"`` takes every linear layer except the output head;
+- ``exclude_modules`` uses the same rules; ``layers_to_transform``/``layers_pattern`` filter by
+  the layer index found in the path.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+
+from torch import nn
+
+from .config import VBLoRAConfig
+from .layer import ModulesToSaveWrapper, VBLoRALayer, is_supported
+
+ALL_LINEAR = "all-linear"
+
+# Default targets when target_modules is None, per transformers model_type (PEFT's mapping).
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "t5": ("q", "k", "v", "o", "wi", "wo"),
+    "mt5": ("q", "k", "v", "o", "wi_0", "wi_1", "wo"),
+    "bart": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+    "opt": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+    "gpt2": ("c_attn",),
+    "gpt_bigcode": ("c_attn",),
+    "bloom": ("query_key_value",),
+    "gpt_neox": ("query_key_value",),
+    "gptj": ("q_proj", "v_proj"),
+    "gpt_neo": ("q_proj", "v_proj"),
+    "llama": ("q_proj", "v_proj"),
+    "mistral": ("q_proj", "v_proj"),
+    "mixtral": ("q_proj", "v_proj"),
+    "qwen2": ("q_proj", "v_proj"),
+    "qwen3": ("q_proj", "v_proj"),
+    "gemma": ("q_proj", "v_proj"),
+    "gemma2": ("q_proj", "v_proj"),
+    "gemma3_text": ("q_proj", "v_proj"),
+    "phi": ("q_proj", "v_proj"),
+    "bert": ("query", "value"),
+    "roberta": ("query", "value"),
+    "xlm-roberta": ("query", "value"),
+    "deberta-v2": ("query_proj", "key_proj", "value_proj", "dense"),
+    "deberta": ("in_proj",),
+}
+
+_DEFAULT_LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
+
+
+def _matches(path: str, rule: str | tuple[str, ...]) -> bool:
+    if isinstance(rule, str):
+        return re.fullmatch(rule, path) is not None
+    return any(path == name or path.endswith("." + name) for name in rule)
+
+
+def _layer_index(path: str, patterns: str | tuple[str, ...] | None) -> int | None:
+    names = (patterns,) if isinstance(patterns, str) else (patterns or _DEFAULT_LAYER_PATTERNS)
+    for name in names:
+        match = re.match(rf"(?:.*\.)?{re.escape(name)}\.(\d+)(?:\.|$)", path)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        return None
+
+
+def default_targets(model: nn.Module) -> tuple[str, ...]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in DEFAULT_TARGETS:
+        return DEFAULT_TARGETS[model_type]
+    known = ", ".join(sorted(DEFAULT_TARGETS))
+    raise ValueError(
+        f"target_modules is None and there are no default targets for model_type {model_type!r} "
+        f"(known: {known}); pass target_modules, e.g. ['q_proj', 'v_proj'] or 'all-linear'"
+    )
+
+
+def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Named modules, not descending into adapter wrappers' internals or trainable copies."""
+    skip: list[str] = []
+    for path, module in model.named_modules():
+        if not path or any(path.startswith(p + ".") for p in skip):
+            continue
+        if isinstance(module, ModulesToSaveWrapper):
+            skip.append(path)
+            continue
+        if isinstance(module, VBLoRALayer):
+            skip.append(path)
+        yield path, module
+
+
+def find_targets(model: nn.Module, config: VBLoRAConfig, exclude: Sequence[str] = ()) -> list[str]:
+    """Paths of the modules ``config`` selects in ``model``, in model order.
+
+    Modules at or under a path in ``exclude`` (the trainable copies of ``modules_to_save``) are skipped.
+
+    Raises:
+        ValueError: no module matched (the message lists some of the model's module names).
+        TypeError: a matched module is not a linear layer.
+    """
+    rule = config.target_modules if config.target_modules is not None else default_targets(model)
+    head = _output_head(model) if rule == ALL_LINEAR else None
+    found: list[str] = []
+    for path, module in _candidates(model):
+        if any(path == e or path.startswith(e + ".") for e in exclude):
+            continue
+        if rule == ALL_LINEAR:
+            if module is head or not is_supported(module) or isinstance(module, VBLoRALayer):
+                continue
+        elif not _matches(path, rule):
+            continue
+        if config.exclude_modules is not None and _matches(path, config.exclude_modules):
+            continue
+        if config.layers_to_transform is not None and not _in_layers(path, config):
+            continue
+        if not (is_supported(module) or isinstance(module, VBLoRALayer)):
+            raise TypeError(
+                f"{path}: {type(module).__name__} is not supported by VB-LoRA; target nn.Linear layers "
+                "(or transformers Conv1D), e.g. the attention projections"
+            )
+        found.append(path)
+    if not found:
+        names = [p for p, m in model.named_modules() if p and is_supported(m)][:12]
+        raise ValueError(
+            f"target_modules {rule!r} matched no module of {type(model).__name__}; "
+            f"some of its linear layers: {names}"
+        )
+    return found
+
+
+def _in_layers(path: str, config: VBLoRAConfig) -> bool:
+    index = _layer_index(path, config.layers_pattern)
+    wanted = config.layers_to_transform
+    wanted = (wanted,) if isinstance(wanted, int) else wanted
+    return index is not None and index in (wanted or ())
+
+
+def find_modules_to_save(model: nn.Module, names: tuple[str, ...]) -> list[str]:
+    """Paths of the modules named (exactly or by suffix) in ``modules_to_save``."""
+    found = [path for path, _ in _candidates(model) if _matches(path, names)]
+    # Keep outermost matches only (a classifier and its inner dense would otherwise both match).
+    return [p for p in found if not any(p.startswith(q + ".") for q in found if q != p)]
