@@ -65,6 +65,15 @@ class VBLoRALayer(nn.Module):
         self.active_adapters = tuple(a for a in self.active_adapters if a != name)
 
     @property
+    def weight(self) -> Tensor:
+        """The base layer's weight (models such as T5 read ``module.weight.dtype``)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
+
+    @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)
 

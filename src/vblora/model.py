@@ -160,7 +160,7 @@ class VBLoRAModel(nn.Module):
             in_features, out_features, fan_in_fan_out = layer_features(base)
             if in_features % b or out_features % b:
                 raise _divisibility_error(path, in_features, out_features, b)
-            if config.fan_in_fan_out != fan_in_fan_out:
+            if config.fan_in_fan_out and not fan_in_fan_out:  # Conv1D with the default False is silent
                 flipped.append(path)
             shapes.append((path, in_features, out_features))
         if flipped:
@@ -364,8 +364,12 @@ class VBLoRAModel(nn.Module):
             vblora = int(bank.bank.numel() + bank.num_subvectors * per_row)
         else:
             vblora = bank.bank.numel() + bank.logits.numel()
-        other = sum(p.numel() for w in self._save_wrappers() if name in w.modules_to_save
-                    for p in w.modules_to_save[name].parameters())
+        other = sum(
+            p.numel()
+            for w in self._save_wrappers()
+            if name in w.modules_to_save
+            for p in w.modules_to_save[name].parameters()
+        )
         other += sum(p.numel() for p in _trained_biases(self, config))
         return vblora, other
 
@@ -401,9 +405,7 @@ class VBLoRAModel(nn.Module):
 
         return from_pretrained(cls, model, path, adapter_name, is_trainable)
 
-    def load_adapter(
-        self, path: str | PathLike[str], adapter_name: str, is_trainable: bool = False
-    ) -> None:
+    def load_adapter(self, path: str | PathLike[str], adapter_name: str, is_trainable: bool = False) -> None:
         """Add the adapter saved in ``path`` under ``adapter_name`` (inactive until set_adapter)."""
         from .checkpoint import load_adapter
 
@@ -423,7 +425,11 @@ def _index_dtype(num_vectors: int) -> torch.dtype:
 
 def _trained_biases(model: VBLoRAModel, config: VBLoRAConfig) -> list[nn.Parameter]:
     if config.bias == "all":
-        return [p for n, p in model.model.named_parameters() if n.endswith("bias") and ".modules_to_save." not in n]
+        return [
+            p
+            for n, p in model.model.named_parameters()
+            if n.endswith("bias") and ".modules_to_save." not in n
+        ]
     if config.bias == "vblora_only":
         return [
             layer.base_layer.bias

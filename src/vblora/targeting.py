@@ -114,7 +114,7 @@ def find_targets(model: nn.Module, config: VBLoRAConfig, exclude: Sequence[str] 
         if any(path == e or path.startswith(e + ".") for e in exclude):
             continue
         if rule == ALL_LINEAR:
-            if module is head or not is_supported(module) or isinstance(module, VBLoRALayer):
+            if module is head or not (is_supported(module) or isinstance(module, VBLoRALayer)):
                 continue
         elif not _matches(path, rule):
             continue
@@ -129,7 +129,7 @@ def find_targets(model: nn.Module, config: VBLoRAConfig, exclude: Sequence[str] 
             )
         found.append(path)
     if not found:
-        names = [p for p, m in model.named_modules() if p and is_supported(m)][:12]
+        names = [p for p, m in _candidates(model) if is_supported(m) or isinstance(m, VBLoRALayer)][:12]
         raise ValueError(
             f"target_modules {rule!r} matched no module of {type(model).__name__}; "
             f"some of its linear layers: {names}"

@@ -1,0 +1,469 @@
+"""VBLoRAModel over an MLP and tiny GPT-2 (Conv1D), Llama, BERT and T5 built from configs."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import BUILDERS, MLP, model_inputs, output_tensor, tiny_llama
+from vblora import VBLoRAConfig, VBLoRAModel, get_vblora_model, optimizer_param_groups
+from vblora.bank import AdapterBank
+from vblora.layer import ModulesToSaveWrapper, VBLoRALayer
+
+CONFIGS = {
+    "mlp": VBLoRAConfig(r=2, num_vectors=10, vector_length=2, target_modules=["lin0", "lin1", "lin3"]),
+    "llama": VBLoRAConfig(num_vectors=32, vector_length=16, target_modules="all-linear"),
+    "gpt2": VBLoRAConfig(num_vectors=32, vector_length=16, target_modules=["c_attn", "c_proj", "c_fc"]),
+    "bert": VBLoRAConfig(
+        num_vectors=32,
+        vector_length=16,
+        target_modules=["query", "key", "value", "dense"],
+        modules_to_save=["classifier"],
+    ),
+    "t5": VBLoRAConfig(num_vectors=32, vector_length=16),
+}
+# Larger init so that adapters visibly change outputs of the tiny random models.
+BIG = {"init_vector_bank_bound": 0.5, "init_logits_std": 1.0}
+
+
+def build(name: str, seed: int = 0, **overrides) -> tuple[VBLoRAModel, dict]:
+    cfg = dataclasses.replace(CONFIGS[name], **{**BIG, **overrides})
+    torch.manual_seed(seed)
+    return get_vblora_model(BUILDERS[name](), cfg), model_inputs(name)
+
+
+def run(model: nn.Module, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return output_tensor(model(**inputs))
+
+
+def layers(model: VBLoRAModel) -> list[VBLoRALayer]:
+    return list(model.vblora_layers())
+
+
+def test_shapes_and_one_bank_one_table_per_adapter(model_name: str) -> None:
+    model, inputs = build(model_name)
+    model.add_adapter("other", dataclasses.replace(CONFIGS[model_name], r=3))
+    for name, cfg in model.peft_config.items():
+        keys = [k for k in model.state_dict() if k.startswith(f"vblora_banks.{name}.")]
+        assert sorted(keys) == [f"vblora_banks.{name}.bank", f"vblora_banks.{name}.logits"]
+        params = [n for n, _ in model.named_parameters() if f".{name}." in n and "vblora" in n]
+        assert sorted(params) == sorted(keys)
+        bank = model.vblora_banks[name]
+        rows = sum(
+            cfg.r * (layer.in_features + layer.out_features) // cfg.vector_length for layer in layers(model)
+        )
+        assert bank.bank.shape == (cfg.num_vectors, cfg.vector_length)
+        assert bank.logits.shape == (rows, cfg.num_vectors)
+        for layer in layers(model):
+            a, b = bank.factors(layer.path)
+            assert a.shape == (cfg.r, layer.in_features) and b.shape == (layer.out_features, cfg.r)
+    # No bank is registered under any layer.
+    assert not any("vblora_banks" in k for k in model.model.state_dict())
+    base_out = run(model, inputs)
+    assert base_out.shape[0] == 2
+
+
+def test_gradients_reach_exactly_the_selected_logits_and_the_bank(model_name: str) -> None:
+    model, inputs = build(model_name)
+    model.train()
+    output_tensor(model(**inputs)).square().sum().backward()
+    bank = model.vblora_banks["default"]
+    grad = bank.logits.grad
+    selected = torch.zeros_like(grad, dtype=torch.bool).scatter(
+        -1, bank.logits.topk(bank.topk, -1).indices, True
+    )
+    assert (grad[~selected] == 0).all()
+    assert (grad[selected] != 0).float().mean() > 0.8  # zeros only where a ReLU cut the path
+    assert bank.bank.grad.abs().sum() > 0
+    base_grads = [p.grad for n, p in model.model.named_parameters() if "modules_to_save" not in n]
+    assert all(g is None for g in base_grads)
+
+
+def test_merged_equals_unmerged_and_unmerge_restores_weights(model_name: str) -> None:
+    model, inputs = build(model_name)
+    weights = {layer.path: layer.base_layer.weight.detach().clone() for layer in layers(model)}
+    unmerged = run(model, inputs)
+    model.merge_adapter()
+    assert model.merged_adapters == ["default"]
+    torch.testing.assert_close(run(model, inputs), unmerged, atol=1e-5, rtol=0)
+    model.unmerge_adapter()
+    for layer in layers(model):
+        torch.testing.assert_close(layer.base_layer.weight, weights[layer.path], atol=1e-6, rtol=0)
+    torch.testing.assert_close(run(model, inputs), unmerged, atol=1e-5, rtol=0)
+
+
+def test_disable_restores_base_outputs_and_previous_state(model_name: str) -> None:
+    torch.manual_seed(0)
+    base = BUILDERS[model_name]()
+    inputs = model_inputs(model_name)
+    base_out = run(base, inputs)
+    model, _ = build(model_name)
+    adapted = run(model, inputs)
+    assert not torch.allclose(adapted, base_out)
+    with model.disable_adapter():
+        torch.testing.assert_close(run(model, inputs), base_out)
+    torch.testing.assert_close(run(model, inputs), adapted)
+    # Merged state is restored too, also when the body raises.
+    model.merge_adapter()
+    with pytest.raises(RuntimeError, match="boom"), model.disable_adapter():
+        torch.testing.assert_close(run(model, inputs), base_out, atol=1e-5, rtol=0)
+        raise RuntimeError("boom")
+    assert model.merged_adapters == ["default"]
+    torch.testing.assert_close(run(model, inputs), adapted, atol=1e-5, rtol=0)
+
+
+def test_two_adapters_differ_and_are_summed(model_name: str) -> None:
+    model, inputs = build(model_name)
+    model.add_adapter("b", dataclasses.replace(CONFIGS[model_name], **BIG, modules_to_save=None))
+    out_a = run(model, inputs)
+    model.set_adapter("b")
+    out_b = run(model, inputs)
+    assert not torch.allclose(out_a, out_b)
+    model.set_adapter(["default", "b"])
+    both = run(model, inputs)
+    assert not torch.allclose(both, out_a) and not torch.allclose(both, out_b)
+    # The sum is exactly what merging both adapters into the weights gives.
+    merged = copy.deepcopy(model)
+    merged.merge_adapter(["default", "b"])
+    torch.testing.assert_close(run(merged, inputs), both, atol=1e-5, rtol=1e-4)
+
+
+def test_sum_of_two_adapters_on_one_linear_layer() -> None:
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 12))
+    x = torch.randn(5, 8)
+    cfg = VBLoRAConfig(r=2, num_vectors=6, vector_length=4, target_modules=["0"], **BIG)
+    model = get_vblora_model(base, cfg)
+    model.add_adapter("b", cfg)
+    layer = model.model[0]
+    with torch.no_grad():
+        y0 = layer.base_layer(x)
+        model.set_adapter(["default", "b"])
+        y = model(x)
+        expect = y0 + x @ layer.delta_weight("default").T + x @ layer.delta_weight("b").T
+    torch.testing.assert_close(y, expect, atol=1e-6, rtol=0)
+
+
+def test_delete_adapter_leaves_nothing(model_name: str) -> None:
+    model, inputs = build(model_name)
+    keys_before = set(model.state_dict())
+    only_default = run(model, inputs)
+    model.add_adapter("gone", dataclasses.replace(CONFIGS[model_name], **BIG))
+    model.set_adapter(["gone"])
+    model.delete_adapter("gone")
+    assert set(model.state_dict()) == keys_before
+    assert "gone" not in model.peft_config and "gone" not in model.vblora_banks
+    assert model.active_adapters == ["default"]
+    for module in model.modules():
+        for attr in ("banks", "vblora_dropout", "modules_to_save"):
+            assert "gone" not in getattr(module, attr, {})
+    torch.testing.assert_close(run(model, inputs), only_default)
+    # Deleting the last adapter unwraps every layer.
+    model.delete_adapter("default")
+    assert not any(isinstance(m, (VBLoRALayer, ModulesToSaveWrapper, AdapterBank)) for m in model.modules())
+
+
+def test_delta_weights_equal_peft_given_same_bank_and_logits(model_name: str) -> None:
+    peft = pytest.importorskip("peft")
+    ours, _ = build(model_name)
+    cfg = CONFIGS[model_name]
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(
+        BUILDERS[model_name](),
+        peft.VBLoRAConfig(
+            r=cfg.r,
+            num_vectors=cfg.num_vectors,
+            vector_length=cfg.vector_length,
+            topk=cfg.topk,
+            target_modules=list(cfg.target_modules)
+            if isinstance(cfg.target_modules, tuple)
+            else cfg.target_modules,
+        ),
+    )
+    bank = ours.vblora_banks["default"]
+    peft_layers = {
+        name.removeprefix("base_model.model."): m
+        for name, m in theirs.named_modules()
+        if hasattr(m, "vblora_logits_A") and "default" in m.vblora_logits_A
+    }
+    assert set(peft_layers) == {layer.path for layer in layers(ours)}
+    with torch.no_grad():
+        theirs.base_model.vblora_vector_bank["default"].copy_(bank.bank)
+        for layer in layers(ours):
+            slot, target = bank.layout[layer.path], peft_layers[layer.path]
+            target.vblora_logits_A["default"].copy_(
+                bank.logits[slot.a_offset : slot.b_offset].reshape_as(target.vblora_logits_A["default"])
+            )
+            target.vblora_logits_B["default"].copy_(
+                bank.logits[slot.b_offset : slot.end].reshape_as(target.vblora_logits_B["default"])
+            )
+    for layer in layers(ours):
+        torch.testing.assert_close(
+            layer.delta_weight("default"),
+            peft_layers[layer.path].get_delta_weight("default"),
+            rtol=1e-6,
+            atol=1e-7,
+        )
+
+
+def test_training_lowers_the_loss() -> None:
+    model = get_vblora_model(
+        tiny_llama(), VBLoRAConfig(num_vectors=32, vector_length=16, target_modules="all-linear")
+    )
+    model.train()
+    opt = torch.optim.AdamW(optimizer_param_groups(model, logits_lr=1e-2, bank_lr=1e-2))
+    batch = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(60):
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05
+
+
+def test_half_precision_base_keeps_adapter_in_fp32() -> None:
+    model = get_vblora_model(tiny_llama().to(torch.bfloat16), CONFIGS["llama"])
+    bank = model.vblora_banks["default"]
+    assert bank.bank.dtype == torch.float32 and bank.logits.dtype == torch.float32
+    out = output_tensor(model(input_ids=torch.randint(0, 128, (2, 6))))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    layer = layers(model)[0]
+    x = torch.randn(3, layer.in_features, dtype=torch.bfloat16)
+    with torch.no_grad():
+        a, b = bank.factors(layer.path)
+        expect = layer.base_layer(x).float() + x.float() @ a.T @ b.T
+        torch.testing.assert_close(layer(x).float(), expect, atol=2e-2, rtol=2e-2)
+
+
+def test_inference_cache_is_reused_and_invalidated() -> None:
+    model, inputs = build("llama")
+    model.eval()
+    bank = model.vblora_banks["default"]
+    first = run(model, inputs)
+    cached = bank._factors
+    assert run(model, inputs).equal(first) and bank._factors is cached  # reused, not recomposed
+    with torch.no_grad():
+        bank.bank.mul_(2.0)  # an in-place change (e.g. optimizer step, load_state_dict)
+    changed = run(model, inputs)
+    assert bank._factors is not cached and not torch.allclose(changed, first)
+    model.add_adapter("b", dataclasses.replace(CONFIGS["llama"], **BIG))
+    model.set_adapter("b")
+    assert not torch.allclose(run(model, inputs), changed)
+    model.set_adapter("default")
+    torch.testing.assert_close(run(model, inputs), changed)
+    model.merge_adapter()
+    torch.testing.assert_close(run(model, inputs), changed, atol=1e-5, rtol=0)
+
+
+def test_generate_matches_step_by_step_argmax() -> None:
+    model, _ = build("llama")
+    ids = torch.randint(1, 128, (1, 5), generator=torch.Generator().manual_seed(0))
+    out = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    seq = ids
+    with torch.no_grad():
+        for _ in range(6):
+            seq = torch.cat([seq, model(input_ids=seq).logits[:, -1:].argmax(-1)], dim=1)
+    assert out.equal(seq)
+
+
+def test_gradient_accumulation_and_checkpointing_give_the_same_gradients() -> None:
+    model, inputs = build("llama")
+    model.train()
+    ids = inputs["input_ids"]
+    model(input_ids=ids, labels=ids).loss.backward()
+    single = model.vblora_banks["default"].logits.grad.clone()
+    model.zero_grad()
+    for _ in range(2):  # two micro-batches before one step: the graph must be rebuilt each pass
+        model(input_ids=ids, labels=ids).loss.backward()
+    torch.testing.assert_close(model.vblora_banks["default"].logits.grad, 2 * single)
+    model.zero_grad()
+    model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model(input_ids=ids, labels=ids).loss.backward()
+    torch.testing.assert_close(model.vblora_banks["default"].logits.grad, single, atol=1e-7, rtol=1e-5)
+
+
+def test_to_dtype_and_deepcopy() -> None:
+    model, inputs = build("gpt2")
+    ref = run(model, inputs)
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(run(twin, inputs), ref)
+    with torch.no_grad():
+        twin.vblora_banks["default"].bank.zero_()
+    torch.testing.assert_close(run(model, inputs), ref)  # independent copies
+    model.to(torch.float64)
+    assert model.vblora_banks["default"].bank.dtype == torch.float64
+    torch.testing.assert_close(run(model, inputs).float(), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_training_forward_compiles_without_graph_breaks() -> None:
+    import torch._dynamo as dynamo
+
+    for name in ("mlp", "llama"):
+        model, inputs = build(name)
+        model.train()
+
+        def step(model: nn.Module = model, **kw: torch.Tensor) -> torch.Tensor:
+            return output_tensor(model(**kw)).sum()
+
+        explanation = dynamo.explain(step)(**inputs)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+    # The compiled step computes the same loss and gradients as eager.
+    model, inputs = build("mlp")
+    model.train()
+    eager = output_tensor(model(**inputs)).sum()
+    eager.backward()
+    want = model.vblora_banks["default"].logits.grad.clone()
+    model.zero_grad()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    got = output_tensor(compiled(**inputs)).sum()
+    got.backward()
+    torch.testing.assert_close(got, eager)
+    torch.testing.assert_close(model.vblora_banks["default"].logits.grad, want)
+
+
+def test_only_adapter_parameters_are_trainable() -> None:
+    model, _ = build("bert")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {
+        "vblora_banks.default.bank",
+        "vblora_banks.default.logits",
+        "model.classifier.modules_to_save.default.weight",
+        "model.classifier.modules_to_save.default.bias",
+    }
+    count, total = model.get_nb_trainable_parameters()
+    assert count == sum(p.numel() for n, p in model.named_parameters() if n in trainable)
+    assert total == sum(p.numel() for p in model.parameters())
+    model.add_adapter(
+        "second", CONFIGS["mlp"].__class__(num_vectors=8, vector_length=16, target_modules=["query"])
+    )
+    assert not model.vblora_banks["second"].bank.requires_grad  # inactive adapters are frozen
+    model.set_adapter("second")
+    assert (
+        model.vblora_banks["second"].bank.requires_grad
+        and not model.vblora_banks["default"].bank.requires_grad
+    )
+
+
+@pytest.mark.parametrize("bias", ["all", "vblora_only"])
+def test_bias_options(bias: str) -> None:
+    model = get_vblora_model(
+        MLP(), VBLoRAConfig(vector_length=2, num_vectors=4, target_modules=["lin0"], bias=bias)
+    )
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")}
+    if bias == "all":
+        assert trainable == {"model.lin0.base_layer.bias"} | {f"model.lin{i}.bias" for i in (1, 2, 3)}
+    else:
+        assert trainable == {"model.lin0.base_layer.bias"}
+    with pytest.raises(ValueError, match="only one adapter may train biases"):
+        model.add_adapter(
+            "b", VBLoRAConfig(vector_length=2, num_vectors=4, target_modules=["lin1"], bias="all")
+        )
+
+
+def test_savable_parameters_count_one_adapter_only() -> None:
+    cfg = VBLoRAConfig(r=4, vector_length=2, num_vectors=10, target_modules=["lin0", "lin1"], topk=2)
+    model = get_vblora_model(MLP(), cfg)
+    # PEFT's formula for one adapter: bank + logits, or bank + P(k-1) + P*k*index-factor.
+    p_rows = 4 * (10 + 20) // 2 + 4 * (20 + 20) // 2
+    assert model.get_nb_savable_parameters() == (10 * 2 + p_rows * 10, 0)
+    model.add_adapter("topk", dataclasses.replace(cfg, save_only_topk_weights=True, modules_to_save=["lin3"]))
+    assert model.get_nb_savable_parameters("default") == (10 * 2 + p_rows * 10, 0)
+    assert model.get_nb_savable_parameters("topk") == (
+        int(10 * 2 + p_rows * 1 + p_rows * 2 * 0.25),
+        20 * 2 + 2,
+    )
+    peft = pytest.importorskip("peft")
+    theirs = peft.get_peft_model(
+        MLP(),
+        peft.VBLoRAConfig(
+            **{
+                k: v
+                for k, v in dataclasses.asdict(cfg).items()
+                if k in ("r", "vector_length", "num_vectors", "topk")
+            },
+            target_modules=["lin0", "lin1"],
+        ),
+    )
+    assert theirs.get_nb_savable_parameters()[0] == model.get_nb_savable_parameters("default")[0]
+
+
+def test_optimizer_param_groups() -> None:
+    model, _ = build("bert")
+    groups = {
+        g["name"]: g
+        for g in optimizer_param_groups(model, logits_lr=0.1, bank_lr=0.01, other_lr=0.5, weight_decay=0.2)
+    }
+    bank = model.vblora_banks["default"]
+    assert groups["vblora_logits"]["params"] == [bank.logits] and groups["vblora_logits"]["lr"] == 0.1
+    assert groups["vblora_bank"]["params"] == [bank.bank] and groups["vblora_bank"]["weight_decay"] == 0.0
+    head = model.model.classifier.modules_to_save["default"]
+    assert {id(p) for p in groups["other"]["params"]} == {id(p) for p in head.parameters()}
+    assert groups["other"]["lr"] == 0.5 and groups["other"]["weight_decay"] == 0.2
+    torch.optim.AdamW(list(groups.values()))  # accepted by torch
+
+
+def test_merge_and_unload_and_unload(model_name: str) -> None:
+    model, inputs = build(model_name)
+    adapted = run(model, inputs)
+    plain = model.merge_and_unload(safe_merge=True)
+    assert not any(isinstance(m, (VBLoRALayer, ModulesToSaveWrapper)) for m in plain.modules())
+    torch.testing.assert_close(run(plain, inputs), adapted, atol=1e-5, rtol=0)
+    torch.manual_seed(0)
+    base_out = run(BUILDERS[model_name](), inputs)
+    model, _ = build(model_name)
+    model.merge_adapter()
+    torch.testing.assert_close(run(model.unload(), inputs), base_out, atol=1e-5, rtol=0)
+
+
+def test_safe_merge_refuses_non_finite_and_changes_nothing() -> None:
+    model, _inputs = build("mlp")
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    with torch.no_grad():
+        model.vblora_banks["default"].bank[0, 0] = float("nan")
+        model.vblora_banks["default"].logits[:, 0] = 100.0  # every sub-vector selects the NaN vector
+    with pytest.raises(ValueError, match="NaN or inf"):
+        model.merge_adapter(safe_merge=True)
+    assert model.merged_adapters == []
+    assert all(torch.equal(before[k], v) for k, v in model.model.state_dict().items())
+
+
+def test_merging_twice_warns_and_does_nothing() -> None:
+    model, _inputs = build("mlp")
+    model.merge_adapter()
+    weights = [layer.base_layer.weight.clone() for layer in layers(model)]
+    with pytest.warns(UserWarning, match="already merged"):
+        model.merge_adapter()
+    assert all(torch.equal(w, layer.base_layer.weight) for w, layer in zip(weights, layers(model)))
+    model.unmerge_adapter()
+    with pytest.warns(UserWarning, match="nothing to unmerge"):
+        model.unmerge_adapter()
+
+
+def test_lifecycle_errors() -> None:
+    model, _ = build("mlp")
+    with pytest.raises(ValueError, match="already exists"):
+        model.add_adapter("default", CONFIGS["mlp"])
+    with pytest.raises(ValueError, match="unknown adapter"):
+        model.set_adapter("nope")
+    with pytest.raises(ValueError, match="unknown adapter"):
+        model.delete_adapter("nope")
+    with pytest.raises(TypeError, match="VBLoRAConfig"):
+        model.add_adapter("x", {"r": 2})  # type: ignore[arg-type]
+    model.merge_adapter()
+    with pytest.raises(ValueError, match="is merged"):
+        model.delete_adapter("default")
+    assert "default" in model.peft_config
+
+
+def test_config_is_not_mutated_by_injection() -> None:
+    cfg = VBLoRAConfig(num_vectors=8, vector_length=16, target_modules=["c_attn"])
+    snapshot = dataclasses.asdict(cfg)
+    get_vblora_model(BUILDERS["gpt2"](), cfg)
+    assert dataclasses.asdict(cfg) == snapshot

@@ -1,0 +1,117 @@
+"""Which modules get adapted: PEFT's matching semantics, and the errors for bad targets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import MLP, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
+from vblora import VBLoRAConfig, get_vblora_model
+from vblora.layer import VBLoRALayer
+
+
+def adapted(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, VBLoRALayer)]
+
+
+def cfg(**kwargs) -> VBLoRAConfig:
+    return VBLoRAConfig(**{"vector_length": 16, "num_vectors": 8, **kwargs})
+
+
+def test_list_matches_exact_name_and_suffix_only() -> None:
+    model = get_vblora_model(tiny_llama(), cfg(target_modules=["q_proj", "model.layers.1.mlp.up_proj"]))
+    assert adapted(model.model) == [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.1.mlp.up_proj",
+    ]
+    # "proj" is no suffix after a dot of any name: nothing matches.
+    with pytest.raises(ValueError, match="matched no module"):
+        get_vblora_model(tiny_llama(), cfg(target_modules=["proj"]))
+
+
+def test_regex_is_a_full_match() -> None:
+    model = get_vblora_model(tiny_llama(), cfg(target_modules=r".*\.1\.self_attn\.(k|v)_proj"))
+    assert adapted(model.model) == ["model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.v_proj"]
+
+
+def test_all_linear_skips_the_output_head() -> None:
+    model = get_vblora_model(tiny_llama(), cfg(target_modules="all-linear"))
+    names = adapted(model.model)
+    assert len(names) == 14 and "lm_head" not in names
+
+
+def test_all_linear_skips_modules_to_save() -> None:
+    model = get_vblora_model(
+        tiny_bert(), cfg(target_modules="all-linear", modules_to_save=["classifier"], vector_length=2)
+    )
+    names = adapted(model.model)
+    assert "classifier" not in names and "bert.pooler.dense" in names
+
+
+def test_exclude_modules() -> None:
+    model = get_vblora_model(
+        tiny_llama(), cfg(target_modules="all-linear", exclude_modules=["down_proj", "o_proj"])
+    )
+    assert not any(n.endswith(("down_proj", "o_proj")) for n in adapted(model.model))
+    model = get_vblora_model(tiny_llama(), cfg(target_modules="all-linear", exclude_modules=r".*mlp.*"))
+    assert not any(".mlp." in n for n in adapted(model.model))
+
+
+def test_layers_to_transform_and_pattern() -> None:
+    model = get_vblora_model(tiny_llama(), cfg(target_modules=["q_proj", "v_proj"], layers_to_transform=1))
+    assert adapted(model.model) == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    model = get_vblora_model(
+        tiny_gpt2(), cfg(target_modules=["c_attn"], layers_to_transform=[0], layers_pattern="h")
+    )
+    assert adapted(model.model) == ["transformer.h.0.attn.c_attn"]
+
+
+@pytest.mark.parametrize(
+    ("builder", "expected"),
+    [
+        (tiny_llama, {"q_proj", "v_proj"}),
+        (tiny_gpt2, {"c_attn"}),
+        (tiny_bert, {"query", "value"}),
+        (tiny_t5, {"q", "k", "v", "o", "wi", "wo"}),
+    ],
+)
+def test_default_targets_per_model_type(builder, expected: set[str]) -> None:
+    model = get_vblora_model(builder(), cfg())
+    assert {n.rsplit(".", 1)[-1] for n in adapted(model.model)} == expected
+
+
+def test_no_defaults_for_unknown_models() -> None:
+    with pytest.raises(ValueError, match="no default targets"):
+        get_vblora_model(MLP(), cfg(vector_length=2))
+
+
+def test_no_match_lists_some_module_names() -> None:
+    with pytest.raises(ValueError, match=r"matched no module of MLP.*lin0"):
+        get_vblora_model(MLP(), cfg(target_modules=["nope"], vector_length=2))
+
+
+def test_unsupported_module_type() -> None:
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8))
+    with pytest.raises(TypeError, match=r"0: Embedding is not supported"):
+        get_vblora_model(model, cfg(target_modules=["0"], vector_length=2))
+
+
+def test_indivisible_dimensions_name_module_shape_and_fix() -> None:
+    base = MLP()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ValueError, match=r"lin0: in_features 10 is not divisible by vector_length 4.*e\.g\."):
+        get_vblora_model(base, cfg(target_modules=["lin1", "lin0"], vector_length=4))
+    # Nothing was wrapped and no weight changed.
+    assert adapted(base) == []
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+
+
+def test_linear_subclass_is_wrapped() -> None:
+    class MyLinear(nn.Linear):
+        pass
+
+    model = nn.Sequential(MyLinear(8, 8))
+    vm = get_vblora_model(model, cfg(target_modules=["0"], vector_length=4))
+    assert isinstance(vm.model[0], VBLoRALayer) and isinstance(vm.model[0].base_layer, MyLinear)
