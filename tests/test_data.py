@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bz2
 import copy
 import importlib.util
 import json
@@ -56,6 +57,15 @@ def test_rotten_tomatoes_missing_package_says_how_to_install(monkeypatch):
         data.load_rotten_tomatoes()
 
 
+def test_rotten_tomatoes_keeps_reviews_only_and_the_first_copy(monkeypatch, tmp_path):
+    rows = "category,text,movie_name,has_plot_and_reviews\n"
+    rows += "plot,A plot.,m,1\nfresh, Great. ,m,1\nrotten,Dull.,m,1\nrotten,Great.,n,1\nfresh,Fun.,n,1\n"
+    (tmp_path / "rt.csv.bz2").write_bytes(bz2.compress(rows.encode()))
+    monkeypatch.setattr(data, "_package_file", lambda *a: tmp_path / "rt.csv.bz2")
+    examples, _ = data.load_rotten_tomatoes()
+    assert examples == [TextExample("Great.", 1), TextExample("Dull.", 0), TextExample("Fun.", 1)]
+
+
 def test_hamlet_is_the_full_play():
     text = data.load_hamlet()
     assert "To be, or not to be" in text
@@ -69,6 +79,24 @@ def test_chatterbot_pairs_are_consecutive_stripped_strings():
     # ai.yml sorts first and opens with this exchange
     assert pairs[0].question == "What is AI?"
     assert pairs[0].answer.startswith("Artificial Intelligence is")
+
+
+def test_chatterbot_skips_malformed_conversations_and_non_string_utterances(monkeypatch, tmp_path):
+    corpus = tmp_path / "data" / "english"
+    corpus.mkdir(parents=True)
+    (corpus / "b.yml").write_text("conversations:\n- - Q\n  - A\n")
+    (corpus / "a.yml").write_text(
+        "categories: [x]\nconversations:\n"
+        "- - Hello\n  - '  Hi there  '\n  - How are you?\n"
+        "- a bare string, as in trivia.yml\n"
+        "- - 42\n  - Forty-two\n"
+    )
+    monkeypatch.setattr(data, "_package_file", lambda *a: tmp_path / "data")
+    assert data.load_chatterbot() == [
+        QAPair("Hello", "Hi there"),
+        QAPair("Hi there", "How are you?"),
+        QAPair("Q", "A"),
+    ]
 
 
 def test_chatterbot_unknown_language_lists_the_available_ones():

@@ -320,7 +320,7 @@ def _label_names(path: pathlib.Path, found: list[str], labels: list[str] | None)
     if len(distinct) < 2:
         raise DataError(f"{path}: needs at least 2 distinct labels, found only {sorted(distinct)}")
     numeric = all(_is_int(name) for name in distinct)
-    return sorted(distinct)
+    return sorted(distinct, key=int) if numeric else sorted(distinct)
 
 
 def _is_int(text: str) -> bool:
