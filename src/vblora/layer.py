@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from . import functional as VF
 from .bank import AdapterBank
+from .serving import RowRouting, mixed_delta
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -52,6 +53,7 @@ class VBLoRALayer(nn.Module):
         self.active_adapters: tuple[str, ...] = ()
         self.merged_adapters: list[str] = []
         self.disabled = False
+        self.routing: RowRouting | None = None  # set by the model for mixed-adapter batches
 
     # ------------------------------------------------------------------ adapters
     def add_adapter(self, name: str, bank: AdapterBank, dropout: float) -> None:
@@ -82,12 +84,27 @@ class VBLoRALayer(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
+        if self.routing is not None:
+            return self._forward_mixed(x, result, self.routing)
         for name in self.active_adapters:
             if name in self.merged_adapters or name not in self.banks:
                 continue
             a, b = self.banks[name].factors(self.path)
             h = self.vblora_dropout[name](x).to(a.dtype)  # adapter math in the bank's dtype
             result = result + VF.adapter_delta(h, a, b).to(result.dtype)
+        return result
+
+    def _forward_mixed(self, x: Tensor, result: Tensor, routing: RowRouting) -> Tensor:
+        """One adapter per row: each adapter's branch runs on its own rows only."""
+        for name, bank in self.banks.items():
+            rows = routing.rows_for(name, x.shape[0])
+            if rows is None:
+                continue
+            a, b = bank.factors(self.path)
+            dropout = self.vblora_dropout[name]
+            result = mixed_delta(
+                result, x, rows, lambda h, a=a, b=b, d=dropout: VF.adapter_delta(d(h).to(a.dtype), a, b)
+            )
         return result
 
     # ------------------------------------------------------------------ merging
@@ -127,6 +144,7 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.disabled = False
+        self.routing: RowRouting | None = None
 
     def add_adapter(self, name: str) -> None:
         import copy
@@ -146,6 +164,17 @@ class ModulesToSaveWrapper(nn.Module):
         self.active_adapter = chosen[0] if chosen else None
 
     def forward(self, *args: object, **kwargs: object) -> object:
+        if self.routing is not None and not self.disabled:
+            return self._forward_mixed(args[0], self.routing)  # type: ignore[arg-type]
         if self.disabled or self.active_adapter is None:
             return self.original_module(*args, **kwargs)
         return self.modules_to_save[self.active_adapter](*args, **kwargs)
+
+    def _forward_mixed(self, x: Tensor, routing: RowRouting) -> Tensor:
+        """Rows of adapters with a trained copy use it; the other rows use the original module."""
+        result = self.original_module(x)
+        for name, module in self.modules_to_save.items():
+            rows = routing.rows_for(name, x.shape[0])
+            if rows is not None:
+                result = result.index_copy(0, rows, module(x.index_select(0, rows)).to(result.dtype))
+        return result

@@ -19,6 +19,7 @@ from torch import nn
 from .bank import AdapterBank, build_layout
 from .config import VBLoRAConfig
 from .layer import ModulesToSaveWrapper, VBLoRALayer, layer_features
+from .serving import BASE_ADAPTER, RowRouting
 from .targeting import find_modules_to_save, find_targets
 
 
@@ -57,6 +58,7 @@ class VBLoRAModel(nn.Module):
         self.peft_config: dict[str, VBLoRAConfig] = {}
         self.vblora_banks = nn.ModuleDict()
         self._active: tuple[str, ...] = ()
+        self._routed: tuple[str, ...] = ()  # adapters of the mixed batch in flight, if any
         for p in model.parameters():
             p.requires_grad_(False)
         self.add_adapter(adapter_name, config)
@@ -64,11 +66,43 @@ class VBLoRAModel(nn.Module):
         self._hook = model.register_forward_pre_hook(self._refresh_banks)
 
     # ------------------------------------------------------------------ pass-through
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
+    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        """The base model's forward; ``adapter_names`` (one per row) runs a mixed-adapter batch."""
+        if adapter_names is None:
+            return self.model(*args, **kwargs)
+        with self._mixed_batch(adapter_names):
+            return self.model(*args, **kwargs)
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model.generate(*args, **kwargs)
+    def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        """The base model's ``generate``; ``adapter_names`` gives each row its own adapter."""
+        if adapter_names is None:
+            return self.model.generate(*args, **kwargs)
+        with self._mixed_batch(adapter_names):
+            return self.model.generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _mixed_batch(self, adapter_names: Sequence[str]) -> Iterator[None]:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = sorted({n for n in names if n != BASE_ADAPTER and n not in self.peft_config})
+        if unknown:
+            raise ValueError(
+                f"adapter_names: unknown adapter(s) {unknown}; "
+                f"use {list(self.peft_config)} or {BASE_ADAPTER!r}"
+            )
+        if self.merged_adapters:
+            raise ValueError("adapter_names needs unmerged adapters; call unmerge_adapter() first")
+        device = next(iter(self.vblora_banks.values())).bank.device
+        routing = RowRouting.from_names(names, device)
+        modules = [*self.vblora_layers(), *self._save_wrappers()]
+        self._routed = tuple(routing.rows)
+        for module in modules:
+            module.routing = routing
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.routing = None
+            self._routed = ()
 
     def get_base_model(self) -> nn.Module:
         return self.model
@@ -78,7 +112,7 @@ class VBLoRAModel(nn.Module):
         return getattr(self.model, "config", None)
 
     def _refresh_banks(self, *_: Any) -> None:
-        for name in self._active:
+        for name in dict.fromkeys(self._routed or self._active):
             self.vblora_banks[name].refresh()
 
     # ------------------------------------------------------------------ iteration helpers

@@ -84,18 +84,16 @@ def default_targets(model: nn.Module) -> tuple[str, ...]:
     )
 
 
-def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+def _candidates(model: nn.Module, with_save_wrappers: bool = False) -> Iterator[tuple[str, nn.Module]]:
     """Named modules, not descending into adapter wrappers' internals or trainable copies."""
     skip: list[str] = []
     for path, module in model.named_modules():
         if not path or any(path.startswith(p + ".") for p in skip):
             continue
-        if isinstance(module, ModulesToSaveWrapper):
+        if isinstance(module, (ModulesToSaveWrapper, VBLoRALayer)):
             skip.append(path)
-            continue
-        if isinstance(module, VBLoRALayer):
-            skip.append(path)
-        yield path, module
+        if with_save_wrappers or not isinstance(module, ModulesToSaveWrapper):
+            yield path, module
 
 
 def find_targets(model: nn.Module, config: VBLoRAConfig, exclude: Sequence[str] = ()) -> list[str]:
@@ -146,6 +144,6 @@ def _in_layers(path: str, config: VBLoRAConfig) -> bool:
 
 def find_modules_to_save(model: nn.Module, names: tuple[str, ...]) -> list[str]:
     """Paths of the modules named (exactly or by suffix) in ``modules_to_save``."""
-    found = [path for path, _ in _candidates(model) if _matches(path, names)]
+    found = [path for path, _ in _candidates(model, with_save_wrappers=True) if _matches(path, names)]
     # Keep outermost matches only (a classifier and its inner dense would otherwise both match).
     return [p for p in found if not any(p.startswith(q + ".") for q in found if q != p)]
