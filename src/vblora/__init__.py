@@ -10,10 +10,10 @@ __all__ = [
     "BASE_ADAPTER",
     "VBLoRAConfig",
     "VBLoRAModel",
+    "export_lora",
     "get_vblora_model",
+    "load_compact",
     "optimizer_param_groups",
     "save_compact",
-    "load_compact",
-    "export_lora",
 ]
 __version__ = "0.1.0"

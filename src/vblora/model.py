@@ -241,15 +241,27 @@ class VBLoRAModel(nn.Module):
                 )
 
     def _set_bias_trainable(self, names: tuple[str, ...]) -> None:
-        bias = next((self.peft_config[n].bias for n in names if self.peft_config[n].bias != "none"), "none")
+        for name in names:
+            for bias in self.trained_biases(name).values():
+                bias.requires_grad_(True)
+
+    def trained_biases(self, adapter_name: str) -> dict[str, nn.Parameter]:
+        """The biases an adapter trains (per its ``bias`` setting), by path in the base model."""
+        bias = self.peft_config[adapter_name].bias
+        if bias == "vblora_only":
+            return {
+                f"{layer.path}.base_layer.bias": layer.base_layer.bias
+                for layer in self.vblora_layers()
+                if adapter_name in layer.banks and getattr(layer.base_layer, "bias", None) is not None
+            }
         if bias == "all":
-            for pname, p in self.model.named_parameters():
-                if pname.endswith("bias") and ".modules_to_save." not in pname:
-                    p.requires_grad_(True)
-        elif bias == "vblora_only":
-            for layer in self.vblora_layers():
-                if getattr(layer.base_layer, "bias", None) is not None and layer.active_adapters:
-                    layer.base_layer.bias.requires_grad_(True)
+            wrappers = [p for p, m in self.model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+            return {
+                name: p
+                for name, p in self.model.named_parameters()
+                if name.rsplit(".", 1)[-1] == "bias" and not any(name.startswith(w + ".") for w in wrappers)
+            }
+        return {}
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove every trace of an adapter; wrappers left without adapters are unwrapped."""
@@ -404,7 +416,7 @@ class VBLoRAModel(nn.Module):
             if name in w.modules_to_save
             for p in w.modules_to_save[name].parameters()
         )
-        other += sum(p.numel() for p in _trained_biases(self, config))
+        other += sum(p.numel() for p in self.trained_biases(name).values())
         return vblora, other
 
     def print_savable_parameters(self, adapter_name: str | None = None) -> None:
@@ -455,22 +467,6 @@ def _index_dtype(num_vectors: int) -> torch.dtype:
     if num_vectors < 2**31:
         return torch.int32
     return torch.int64
-
-
-def _trained_biases(model: VBLoRAModel, config: VBLoRAConfig) -> list[nn.Parameter]:
-    if config.bias == "all":
-        return [
-            p
-            for n, p in model.model.named_parameters()
-            if n.endswith("bias") and ".modules_to_save." not in n
-        ]
-    if config.bias == "vblora_only":
-        return [
-            layer.base_layer.bias
-            for layer in model.vblora_layers()
-            if getattr(layer.base_layer, "bias", None) is not None
-        ]
-    return []
 
 
 def get_vblora_model(model: nn.Module, config: VBLoRAConfig, adapter_name: str = "default") -> VBLoRAModel:

@@ -1,0 +1,651 @@
+"""Tests for vblora.checkpoint: PEFT interchange (both directions), top-k, compact files, LoRA export,
+atomic writes and validation. Expected outputs come from ``peft`` itself or from the source model."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import struct
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from vblora import VBLoRAConfig, VBLoRAModel, export_lora, get_vblora_model, load_compact, save_compact  # noqa: E402
+from vblora import checkpoint as ck  # noqa: E402
+
+H, B, R, K = 12, 16, 2, 2  # num_vectors, vector_length, rank, topk of the tiny adapters
+
+
+# ---------------------------------------------------------------------------- tiny models
+def _llama() -> nn.Module:
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        attention_bias=True,
+        max_position_embeddings=32,
+    )
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _gpt2() -> nn.Module:
+    cfg = transformers.GPT2Config(
+        vocab_size=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=32,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def _bert() -> nn.Module:
+    cfg = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        max_position_embeddings=32,
+    )
+    return transformers.BertForSequenceClassification(cfg)
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], dict]] = {
+    "llama": (
+        _llama,
+        dict(
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            modules_to_save=["lm_head"],
+        ),
+    ),
+    "gpt2": (
+        _gpt2,
+        dict(target_modules=["c_attn", "c_proj", "c_fc"], modules_to_save=["ln_f"], fan_in_fan_out=True),
+    ),
+    "bert": (_bert, dict(target_modules=["query", "value", "dense"], modules_to_save=["classifier"])),
+}
+ADAPTER = dict(
+    r=R,
+    num_vectors=H,
+    vector_length=B,
+    topk=K,
+    bias="vblora_only",
+    init_vector_bank_bound=0.5,
+    init_logits_std=1.0,
+)
+
+
+@pytest.fixture(scope="module")
+def bases() -> dict[str, nn.Module]:
+    torch.manual_seed(0)
+    return {name: factory().eval() for name, (factory, _) in MODELS.items()}
+
+
+INPUT_IDS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+def _ours(base: nn.Module, name: str, **overrides) -> VBLoRAModel:
+    torch.manual_seed(2)
+    model = get_vblora_model(copy.deepcopy(base), VBLoRAConfig(**{**ADAPTER, **MODELS[name][1], **overrides}))
+    _perturb(model)
+    return model.eval()
+
+
+def _theirs(base: nn.Module, name: str, **overrides) -> nn.Module:
+    torch.manual_seed(3)
+    config = peft.VBLoRAConfig(**{**ADAPTER, **MODELS[name][1], **overrides})
+    model = peft.get_peft_model(copy.deepcopy(base), config)
+    _perturb(model)
+    return model.eval()
+
+
+def _perturb(model: nn.Module) -> None:
+    """Move trained biases and modules_to_save copies away from the base, so their loading is tested."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and "vblora" not in name:
+                p.add_(0.3 * torch.randn_like(p))
+
+
+def _out(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=INPUT_IDS).logits
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a - ref).abs().max() / ref.abs().max()).item()
+
+
+def _keys(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    return {k: (tuple(v.shape), v.dtype) for k, v in load_file(path / ck.WEIGHTS_NAME).items()}
+
+
+# ---------------------------------------------------------------------------- interchange with peft
+@pytest.mark.parametrize("topk", [False, True], ids=["full", "topk"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_ours_to_peft(bases, tmp_path, name, topk):
+    ours = _ours(bases[name], name)
+    ref = _out(ours)
+    bank = ours.vblora_banks["default"].bank
+    with torch.no_grad():
+        kept = bank.clone()
+        bank.zero_()  # without the VB-LoRA update (head copy and biases kept) the output differs
+        assert _rel(_out(ours), ref) > 1e-2
+        bank.copy_(kept)
+    ours.save_pretrained(tmp_path / "ours", save_only_topk_weights=topk)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(bases[name]), tmp_path / "ours").eval()
+    assert _rel(_out(theirs), ref) <= 1e-6
+    # Same keys, shapes and dtypes as a directory that peft writes for the same config.
+    _theirs(bases[name], name, save_only_topk_weights=topk).save_pretrained(tmp_path / "peft")
+    assert _keys(tmp_path / "ours") == _keys(tmp_path / "peft")
+
+
+@pytest.mark.parametrize("topk", [False, True], ids=["full", "topk"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_peft_to_ours(bases, tmp_path, name, topk):
+    theirs = _theirs(bases[name], name, save_only_topk_weights=topk)
+    ref = _out(theirs)
+    theirs.save_pretrained(tmp_path)
+    ours = VBLoRAModel.from_pretrained(copy.deepcopy(bases[name]), tmp_path)
+    assert _rel(_out(ours), ref) <= 1e-6
+    assert ours.vblora_banks["default"].inference_only == topk
+    assert not any(p.requires_grad for p in ours.parameters()) and not ours.training
+
+
+def test_saved_config_is_peft_config(bases, tmp_path):
+    ours = _ours(bases["gpt2"], "gpt2", save_only_topk_weights=True)
+    ours.save_pretrained(tmp_path, save_only_topk_weights=False)  # the argument overrides the config
+    data = json.loads((tmp_path / ck.CONFIG_NAME).read_text())
+    assert data["peft_type"] == "VBLORA" and data["save_only_topk_weights"] is False
+    loaded = peft.PeftConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, peft.VBLoRAConfig)
+    assert (loaded.r, loaded.num_vectors, loaded.vector_length, loaded.topk) == (R, H, B, K)
+    assert loaded.fan_in_fan_out and loaded.bias == "vblora_only" and "ln_f" in loaded.modules_to_save
+    assert all(not k.endswith("_topk_indices") for k in _keys(tmp_path))
+
+
+@pytest.mark.parametrize(("h", "k", "dtype"), [(12, 2, torch.uint8), (300, 3, torch.int16)])
+def test_topk_keys_follow_peft_dtype_rule(tmp_path, h, k, dtype):
+    model = get_vblora_model(
+        nn.Sequential(nn.Linear(8, 16)),
+        VBLoRAConfig(r=2, num_vectors=h, vector_length=4, topk=k, target_modules=["0"]),
+    )
+    model.save_pretrained(tmp_path, save_only_topk_weights=True)
+    keys = _keys(tmp_path)
+    assert keys["base_model.model.0.vblora_logits_A_topk_indices"] == ((2, 2, k), dtype)
+    assert keys["base_model.model.0.vblora_logits_B_topk_weights"] == ((4, 2, k - 1), torch.float32)
+    assert keys[ck.BANK_KEY] == ((h, 4), torch.float32)
+
+
+def test_multiple_adapters_use_peft_layout(bases, tmp_path):
+    ours = _ours(bases["bert"], "bert")
+    ours.add_adapter(
+        "other",
+        VBLoRAConfig(
+            r=2,
+            num_vectors=H,
+            vector_length=B,
+            target_modules=["key"],
+            init_vector_bank_bound=0.5,
+            init_logits_std=1.0,
+        ),
+    )
+    outputs = {}
+    for adapter in ("default", "other"):
+        ours.set_adapter(adapter)
+        outputs[adapter] = _out(ours)
+    ours.save_pretrained(tmp_path)
+    assert (tmp_path / ck.WEIGHTS_NAME).is_file() and (tmp_path / "other" / ck.WEIGHTS_NAME).is_file()
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(bases["bert"]), tmp_path)
+    theirs.load_adapter(tmp_path / "other", "other")
+    again = VBLoRAModel.from_pretrained(copy.deepcopy(bases["bert"]), tmp_path)
+    again.load_adapter(tmp_path / "other", "other")
+    for adapter, ref in outputs.items():
+        theirs.set_adapter(adapter)
+        again.set_adapter(adapter)
+        assert _rel(_out(theirs.eval()), ref) <= 1e-6 and _rel(_out(again.eval()), ref) <= 1e-6
+    ours.save_pretrained(tmp_path / "only", adapter_name="other")
+    assert [p.name for p in (tmp_path / "only").iterdir()] == ["other"]
+
+
+def test_peft_multi_adapter_directory_loads(bases, tmp_path):
+    theirs = _theirs(bases["bert"], "bert")
+    other = dict(ADAPTER, bias="none", target_modules=["key"])
+    theirs.add_adapter("other", peft.VBLoRAConfig(**other, save_only_topk_weights=True))
+    outputs = {}
+    for adapter in ("default", "other"):
+        theirs.set_adapter(adapter)
+        outputs[adapter] = _out(theirs.eval())
+    # PEFT also writes the biases of the other adapter's layers into the default adapter's file.
+    theirs.save_pretrained(tmp_path)
+    ours = VBLoRAModel.from_pretrained(copy.deepcopy(bases["bert"]), tmp_path)
+    ours.load_adapter(tmp_path / "other", "other")
+    for adapter, ref in outputs.items():
+        ours.set_adapter(adapter)
+        assert _rel(_out(ours), ref) <= 1e-6
+
+
+# ---------------------------------------------------------------------------- training and top-k
+def test_full_checkpoint_resumes_training_exactly(bases, tmp_path):
+    labels = torch.tensor([0, 1])
+
+    def step(model: nn.Module, opt: torch.optim.Optimizer) -> float:
+        loss = model(input_ids=INPUT_IDS, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    ours = _ours(bases["bert"], "bert").train()
+    opt = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(2):
+        step(ours, opt)
+    ours.save_pretrained(tmp_path)
+    resumed = VBLoRAModel.from_pretrained(copy.deepcopy(bases["bert"]), tmp_path, is_trainable=True).train()
+    trainable = [n for n, p in ours.named_parameters() if p.requires_grad]
+    assert trainable == [n for n, p in resumed.named_parameters() if p.requires_grad]
+    assert len(trainable) == 2 + 2 + 2 * 5 + 1  # bank, logits, classifier copy, biases of 5/layer + pooler
+    opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5) for m in (ours, resumed)]
+    for _ in range(2):
+        assert step(ours, opts[0]) == step(resumed, opts[1])
+
+
+def _snapshot(model: nn.Module) -> tuple:
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [(n, p.requires_grad) for n, p in model.named_parameters()]
+    return repr(model), state, flags, model.training
+
+
+def _assert_unchanged(model: nn.Module, before: tuple) -> None:
+    after = _snapshot(model)
+    assert after[0] == before[0] and after[2:] == before[2:]
+    assert after[1].keys() == before[1].keys()
+    assert all(torch.equal(after[1][k], v) for k, v in before[1].items())
+
+
+def test_training_a_topk_checkpoint_is_refused_at_load_time(bases, tmp_path):
+    _ours(bases["bert"], "bert").save_pretrained(tmp_path / "topk", save_only_topk_weights=True)
+    base = copy.deepcopy(bases["bert"])
+    before = _snapshot(base)
+    with pytest.raises(ValueError, match=r"top-k checkpoint.*cannot be trained"):
+        VBLoRAModel.from_pretrained(base, tmp_path / "topk", is_trainable=True)
+    _assert_unchanged(base, before)
+    host = _ours(bases["bert"], "bert", bias="none")  # only one adapter may train biases
+    before = _snapshot(host)
+    with pytest.raises(ValueError, match="is_trainable=False"):
+        host.load_adapter(tmp_path / "topk", "b", is_trainable=True)
+    _assert_unchanged(host, before)
+    # Re-saved in full, a top-k adapter keeps its -inf logits: still inference only.
+    loaded = VBLoRAModel.from_pretrained(copy.deepcopy(bases["bert"]), tmp_path / "topk")
+    loaded.save_pretrained(tmp_path / "full", save_only_topk_weights=False)
+    with pytest.raises(ValueError, match="cannot be trained"):
+        VBLoRAModel.from_pretrained(copy.deepcopy(bases["bert"]), tmp_path / "full", is_trainable=True)
+    host.load_adapter(tmp_path / "topk", "b")  # inference load works, and stays frozen when activated
+    host.set_adapter("b")
+    assert not host.vblora_banks["b"].bank.requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_topk_weights_load(bases, tmp_path, dtype):
+    ours = _ours(bases["llama"], "llama")
+    ref = _out(ours)
+    ours.save_pretrained(tmp_path, save_only_topk_weights=True)
+    tensors = load_file(tmp_path / ck.WEIGHTS_NAME)
+    tensors = {k: v.to(dtype) if k.endswith("_topk_weights") else v for k, v in tensors.items()}
+    save_file(tensors, tmp_path / ck.WEIGHTS_NAME)
+    loaded = VBLoRAModel.from_pretrained(copy.deepcopy(bases["llama"]), tmp_path)
+    assert 0 < _rel(_out(loaded), ref) <= 1e-2
+
+
+def test_merge_after_topk_load(bases, tmp_path):
+    ours = _ours(bases["gpt2"], "gpt2")
+    ref = _out(ours)
+    ours.save_pretrained(tmp_path, save_only_topk_weights=True)
+    merged = VBLoRAModel.from_pretrained(copy.deepcopy(bases["gpt2"]), tmp_path).merge_and_unload()
+    assert _rel(_out(merged), ref) <= 1e-5
+
+
+def test_missing_biases_of_old_peft_files_warn(bases, tmp_path):
+    _ours(bases["bert"], "bert").save_pretrained(tmp_path)
+    tensors = {
+        k: v for k, v in load_file(tmp_path / ck.WEIGHTS_NAME).items() if not k.endswith("base_layer.bias")
+    }
+    save_file(tensors, tmp_path / ck.WEIGHTS_NAME)
+    with pytest.warns(UserWarning, match="PEFT <= 0.20 did not save them"):
+        VBLoRAModel.from_pretrained(copy.deepcopy(bases["bert"]), tmp_path)
+
+
+# ---------------------------------------------------------------------------- compact files
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 16), st.data())
+def test_pack_bits_roundtrip(bits, data):
+    values = data.draw(st.lists(st.integers(0, 2**bits - 1), max_size=50))
+    packed = ck.pack_bits(torch.tensor(values, dtype=torch.long), bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(len(values) * bits / 8)
+    assert ck.unpack_bits(packed, bits, len(values)).tolist() == values
+
+
+def _header(path: Path) -> tuple[int, dict]:
+    raw = path.read_bytes()
+    (size,) = struct.unpack("<Q", raw[:8])
+    return size, json.loads(raw[8 : 8 + size])
+
+
+@pytest.mark.parametrize(
+    ("bank_dtype", "tol"), [(torch.float32, 1e-3), (torch.float16, 1e-2), (torch.bfloat16, 3e-2)]
+)
+def test_compact_roundtrip(bases, tmp_path, bank_dtype, tol):
+    ours = _ours(bases["llama"], "llama")
+    ours.save_pretrained(tmp_path / "dir", save_only_topk_weights=True)
+    ref = _out(VBLoRAModel.from_pretrained(copy.deepcopy(bases["llama"]), tmp_path / "dir"))
+    path = tmp_path / "a.vblora"
+    save_compact(ours, path, bank_dtype=bank_dtype)
+    loaded = load_compact(copy.deepcopy(bases["llama"]), path)
+    assert _rel(_out(loaded), ref) <= tol
+    assert loaded.vblora_banks["default"].inference_only
+    _, header = _header(path)
+    bank = ours.vblora_banks["default"]
+    # Layout once in the metadata; tensors: bank, packed indices, fp16 weights, head copy, biases.
+    layout = json.loads(header["__metadata__"]["layout"])
+    assert [p for p, _, _ in layout] == list(bank.layout)
+    assert not any(p in key for p in bank.layout for key in header if "bias" not in key)
+    assert header["topk_indices"]["dtype"] == "U8" and header["topk_weights"]["dtype"] == "F16"
+    assert header["topk_indices"]["shape"] == [math.ceil(bank.num_subvectors * K * 4 / 8)]  # 4 bits for h=12
+    assert (
+        header["bank"]["dtype"]
+        == {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}[bank_dtype]
+    )
+
+
+def test_compact_header_does_not_dominate_tiny_files(tmp_path):
+    model = get_vblora_model(
+        _llama(), VBLoRAConfig(r=4, num_vectors=64, vector_length=16, topk=2, target_modules="all-linear")
+    )
+    path = tmp_path / "tiny.vblora"
+    save_compact(model, path, bank_dtype=torch.float16)
+    size, _ = _header(path)
+    assert size < 0.5 * (path.stat().st_size - 8 - size)
+
+
+def test_compact_llama7b_shape_is_small(tmp_path):
+    def block() -> nn.Module:
+        m = nn.Module()
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(m, n, nn.Linear(4096, 4096, bias=False))
+        m.gate_proj, m.up_proj = nn.Linear(4096, 11008, bias=False), nn.Linear(4096, 11008, bias=False)
+        m.down_proj = nn.Linear(11008, 4096, bias=False)
+        return m
+
+    with torch.device("meta"):  # the 6.5B base weights never exist
+        base = nn.Module()
+        base.layers = nn.ModuleList(block() for _ in range(32))
+    model = get_vblora_model(
+        base, VBLoRAConfig(r=4, num_vectors=2048, vector_length=256, topk=2, target_modules="all-linear")
+    )
+    bank = model.vblora_banks["default"].to_empty(device="cpu")
+    with torch.no_grad():
+        bank.bank.uniform_(-0.02, 0.02)
+        bank.logits.normal_(0.0, 0.1)
+    save_compact(model, tmp_path / "7b.vblora", bank_dtype=torch.float16)
+    assert (tmp_path / "7b.vblora").stat().st_size <= 1_300_000
+
+
+def test_load_compact_into_existing_model(bases, tmp_path):
+    ours = _ours(bases["bert"], "bert")
+    ref = _out(ours)
+    save_compact(ours, tmp_path / "a.vblora")
+    host = get_vblora_model(
+        copy.deepcopy(bases["bert"]),
+        VBLoRAConfig(r=2, num_vectors=H, vector_length=B, target_modules=["key"]),
+    )
+    assert load_compact(host, tmp_path / "a.vblora", adapter_name="user1") is host
+    host.set_adapter("user1")
+    assert _rel(_out(host.eval()), ref) <= 1e-3
+
+
+# ---------------------------------------------------------------------------- LoRA export
+@pytest.mark.parametrize("name", list(MODELS))
+def test_export_lora_loads_in_peft(bases, tmp_path, name):
+    ours = _ours(bases[name], name)
+    ref = _out(ours)
+    export_lora(ours, tmp_path)
+    config = peft.PeftConfig.from_pretrained(tmp_path)
+    assert isinstance(config, peft.LoraConfig) and config.lora_alpha == config.r == R
+    assert config.modules_to_save == MODELS[name][1]["modules_to_save"]
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(bases[name]), tmp_path).eval()
+    assert _rel(_out(theirs), ref) <= 1e-5
+    path = "bert.encoder.layer.0.attention.self.query" if name == "bert" else None
+    if path:  # the factors are exactly A and B
+        a, b = ours.vblora_banks["default"].compose()[path]
+        assert torch.equal(theirs.get_submodule(f"base_model.model.{path}").lora_A["default"].weight, a)
+        assert torch.equal(theirs.get_submodule(f"base_model.model.{path}").lora_B["default"].weight, b)
+
+
+# ---------------------------------------------------------------------------- safety
+def _crash_midway(monkeypatch, after: str) -> None:
+    """Make the write of files named ``after`` fail halfway through, as a crash would."""
+    real = ck._write_all
+
+    def write(handle, data):
+        if Path(handle.name).name.startswith(f".{after}."):
+            handle.write(data[: len(data) // 2])
+            raise OSError("simulated crash")
+        real(handle, data)
+
+    monkeypatch.setattr(ck, "_write_all", write)
+
+
+def test_interrupted_save_keeps_previous_adapter(bases, tmp_path, monkeypatch):
+    ours = _ours(bases["bert"], "bert")
+    ref = _out(ours)
+    ours.save_pretrained(tmp_path)
+    save_compact(ours, tmp_path / "a.vblora")
+    with torch.no_grad():
+        ours.vblora_banks["default"].bank.mul_(2.0)
+    config_before = (tmp_path / ck.CONFIG_NAME).read_bytes()
+    _crash_midway(monkeypatch, ck.WEIGHTS_NAME)
+    with pytest.raises(OSError, match="simulated crash"):
+        ours.save_pretrained(tmp_path, save_only_topk_weights=True)  # a different config, too
+    assert (tmp_path / ck.CONFIG_NAME).read_bytes() == config_before
+    _crash_midway(monkeypatch, "a.vblora")
+    with pytest.raises(OSError, match="simulated crash"):
+        save_compact(ours, tmp_path / "a.vblora")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.vblora", ck.CONFIG_NAME, ck.WEIGHTS_NAME]
+    assert _rel(_out(VBLoRAModel.from_pretrained(copy.deepcopy(bases["bert"]), tmp_path)), ref) <= 1e-6
+    assert _rel(_out(load_compact(copy.deepcopy(bases["bert"]), tmp_path / "a.vblora")), ref) <= 1e-3
+
+
+def test_pickle_checkpoints_are_refused(bases, tmp_path, monkeypatch):
+    _ours(bases["bert"], "bert").save_pretrained(tmp_path)
+    (tmp_path / ck.WEIGHTS_NAME).rename(tmp_path / ck.PICKLE_NAME)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load called"))
+    with pytest.raises(ValueError, match=r"(?s)pickle checkpoints are never loaded.*st\.save_file"):
+        VBLoRAModel.from_pretrained(copy.deepcopy(bases["bert"]), tmp_path)
+
+
+Q0 = "bert.encoder.layer.0.attention.self.query"
+
+
+def _edit_tensors(fn: Callable[[dict], None]) -> Callable[[Path], None]:
+    def corrupt(folder: Path) -> None:
+        tensors = load_file(folder / ck.WEIGHTS_NAME)
+        fn(tensors)
+        save_file(tensors, folder / ck.WEIGHTS_NAME)
+
+    return corrupt
+
+
+def _edit_config(**changes) -> Callable[[Path], None]:
+    def corrupt(folder: Path) -> None:
+        data = json.loads((folder / ck.CONFIG_NAME).read_text())
+        (folder / ck.CONFIG_NAME).write_text(json.dumps({**data, **changes}))
+
+    return corrupt
+
+
+def _truncate(folder: Path) -> None:
+    raw = (folder / ck.WEIGHTS_NAME).read_bytes()
+    (folder / ck.WEIGHTS_NAME).write_bytes(raw[:-100])
+
+
+def _set(key: str, index: tuple, value: float) -> Callable[[Path], None]:
+    return _edit_tensors(lambda t: t[key].__setitem__(index, value))
+
+
+A0 = f"base_model.model.{Q0}.vblora_logits_A"
+CORRUPTIONS = {  # name: (topk, corruption, fragment of the expected message)
+    "missing_module": (
+        False,
+        _edit_tensors(lambda t: [t.pop(k) for k in list(t) if f"{Q0}.vblora" in k]),
+        f"{Q0}: targeted by the config in this model but missing",
+    ),
+    "extra_module": (
+        False,
+        _edit_tensors(lambda t: t.update({A0.replace("query", "key"): t[A0].clone()})),
+        "attention.self.key: stored in the checkpoint but not targeted",
+    ),
+    "wrong_shape": (False, _edit_tensors(lambda t: t.update({A0: t[A0][:1]})), "need (2, 2, 12)"),
+    "vector_length": (False, _edit_config(vector_length=8), "vector_length=8"),
+    "num_vectors": (True, _edit_config(num_vectors=20), "num_vectors=20"),
+    "index_range": (True, _set(A0 + "_topk_indices", (0, 0, 0), H), "out of range [0, 12)"),
+    "repeated_index": (
+        True,
+        _edit_tensors(lambda t: t[A0 + "_topk_indices"][..., 1].copy_(t[A0 + "_topk_indices"][..., 0])),
+        "repeats an index",
+    ),
+    "nan_logits": (False, _set(A0, (0, 0, 0), float("nan")), "NaN or +inf logits"),
+    "inf_bank": (False, _set(ck.BANK_KEY, (0, 0), float("inf")), "vector bank contains NaN or inf"),
+    "nan_weights": (True, _set(A0 + "_topk_weights", (0, 0, 0), float("nan")), "NaN or inf"),
+    "weights_sum": (True, _set(A0 + "_topk_weights", (0, 0, 0), 1.5), "sum to at most 1"),
+    "head_shape": (
+        False,
+        _edit_tensors(lambda t: t.update({"base_model.model.classifier.weight": torch.zeros(3, 32)})),
+        "classifier.weight: shape (3, 32)",
+    ),
+    "unexpected_key": (
+        False,
+        _edit_tensors(lambda t: t.update({"junk": torch.zeros(1)})),
+        "junk: unexpected key",
+    ),
+    "truncated": (False, _truncate, "truncated or corrupt"),
+    "garbage": (
+        False,
+        lambda f: (f / ck.WEIGHTS_NAME).write_bytes(b"\x10" + bytes(200)),
+        "truncated or corrupt",
+    ),
+    "bad_json": (
+        False,
+        lambda f: (f / ck.CONFIG_NAME).write_text("{not json"),
+        "not a valid VB-LoRA adapter config",
+    ),
+    "not_vblora": (False, _edit_config(peft_type="LORA"), "not a VB-LoRA config"),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPTIONS))
+def test_corrupt_checkpoints_are_refused_and_model_unchanged(bases, tmp_path, case):
+    topk, corrupt, message = CORRUPTIONS[case]
+    _ours(bases["bert"], "bert").save_pretrained(tmp_path, save_only_topk_weights=topk)
+    corrupt(tmp_path)
+    host = _ours(bases["bert"], "bert").train()  # an existing model: the load must not touch it
+    before = _snapshot(host)
+    with pytest.raises(ValueError, match=None) as err:
+        host.load_adapter(tmp_path, "new")
+    assert message in str(err.value)
+    _assert_unchanged(host, before)
+    base = copy.deepcopy(bases["bert"])
+    before = _snapshot(base)
+    with pytest.raises(ValueError, match=None) as err:
+        VBLoRAModel.from_pretrained(base, tmp_path)
+    assert message in str(err.value)
+    _assert_unchanged(base, before)
+
+
+def test_all_problems_are_listed_in_one_error(bases, tmp_path):
+    _ours(bases["bert"], "bert").save_pretrained(tmp_path)
+    _set(A0.replace("query", "value"), (0, 0, 0), float("nan"))(tmp_path)
+    CORRUPTIONS["missing_module"][1](tmp_path)
+    _set(ck.BANK_KEY, (0, 0), float("nan"))(tmp_path)
+    with pytest.raises(ValueError, match="3 problem") as err:
+        VBLoRAModel.from_pretrained(copy.deepcopy(bases["bert"]), tmp_path)
+    assert "model was not changed" in str(err.value)
+
+
+def _rewrite_compact(path: Path, edit: Callable[[dict, dict], None]) -> None:
+    with safe_open(str(path), "pt") as f:
+        metadata, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    edit(tensors, metadata)
+    save_file(tensors, path, metadata=metadata)
+
+
+def _bad_index(tensors: dict, _: dict) -> None:
+    tensors["topk_indices"][0] = 0xFF  # the first two 4-bit indices become 15 >= h = 12
+
+
+COMPACT_CORRUPTIONS = {
+    "index_range": (lambda p: _rewrite_compact(p, _bad_index), "out of range [0, 12)"),
+    "truncated": (lambda p: p.write_bytes(p.read_bytes()[:-10]), "truncated or corrupt"),
+    "layout": (lambda p: _rewrite_compact(p, lambda t, m: m.update(layout="[1, 2]")), "'layout' is missing"),
+    "packed_size": (
+        lambda p: _rewrite_compact(p, lambda t, m: t.update(topk_indices=t["topk_indices"][:-1])),
+        "topk_indices:",
+    ),
+    "other_model": (
+        lambda p: _rewrite_compact(
+            p, lambda t, m: m.update(layout=m["layout"].replace("layer.1.", "layer.7."))
+        ),
+        "layer.7.attention.self.query: stored",
+    ),
+    "layer_shape": (
+        lambda p: _rewrite_compact(
+            p,
+            lambda t, m: m.update(
+                layout=m["layout"].replace(
+                    'layer.0.attention.self.query",32', 'layer.0.attention.self.query",64'
+                )
+            ),
+        ),
+        "stored for a 64 -> 32 layer, but the model's is 32 -> 32",
+    ),
+    "format": (
+        lambda p: _rewrite_compact(p, lambda t, m: m.pop("vblora_format")),
+        "not a compact VB-LoRA file",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(COMPACT_CORRUPTIONS))
+def test_corrupt_compact_files_are_refused(bases, tmp_path, case):
+    corrupt, message = COMPACT_CORRUPTIONS[case]
+    path = tmp_path / "a.vblora"
+    save_compact(_ours(bases["bert"], "bert"), path)
+    corrupt(path)
+    host = _ours(bases["bert"], "bert")
+    before = _snapshot(host)
+    with pytest.raises(ValueError, match=None) as err, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        load_compact(host, path, adapter_name="new")
+    assert message in str(err.value)
+    _assert_unchanged(host, before)
