@@ -54,6 +54,27 @@ def build_layout(shapes: Iterable[tuple[str, int, int]], r: int, vector_length: 
     return layout
 
 
+def _table_plan(layout: dict[str, Slot], rows: int) -> tuple[Tensor | None, list[int], dict[str, int]]:
+    """How :meth:`AdapterBank.compose` cuts the composed table: (row order, split sizes, segment index).
+
+    The order puts each module's B rows rank-major, ``(r, out/b)`` instead of PEFT's ``(out/b, r)``,
+    so that B^T is one contiguous ``(r, out)`` block and B a free transposed view (``None``: nothing
+    moves). Each module owns two consecutive segments, A then B; rows no module uses get their own.
+    """
+    order, sizes, index, cursor = torch.arange(rows), [], {}, 0
+    for path, s in sorted(layout.items(), key=lambda item: item[1].a_offset):
+        if s.a_offset > cursor:
+            sizes.append(s.a_offset - cursor)
+        index[path] = len(sizes)
+        sizes += [s.b_offset - s.a_offset, s.b_rows]
+        block = torch.arange(s.b_offset, s.end).view(s.out_features // s.vector_length, s.r)
+        order[s.b_offset : s.end] = block.T.reshape(-1)  # (out/b, r) -> (r, out/b)
+        cursor = s.end
+    if rows > cursor:
+        sizes.append(rows - cursor)
+    return (None if order.equal(torch.arange(rows)) else order), sizes, index
+
+
 class AdapterBank(nn.Module):
     """The trainable state of one adapter: ``bank (h, b)`` and ``logits (P, h)``.
 
@@ -83,6 +104,8 @@ class AdapterBank(nn.Module):
         self.inference_only = False
         self._factors: dict[str, tuple[Tensor, Tensor]] | None = None
         self._cache_key: tuple[Any, ...] | None = None
+        with torch.inference_mode(False):  # the order is saved for backward: no inference tensor
+            self._order, self._sizes, self._segment = _table_plan(self.layout, rows)
 
     @property
     def num_vectors(self) -> int:
@@ -102,15 +125,27 @@ class AdapterBank(nn.Module):
 
     # ------------------------------------------------------------------ composition
     def compose(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """A and B of every module, from one batched top-k admixture over the whole table."""
-        sub = VF.topk_admixture(self.logits, self.bank, self.topk)  # (P, b)
-        return {
-            path: (
-                VF.factor_a(sub[s.a_offset : s.b_offset], s.r, s.in_features),
-                VF.factor_b(sub[s.b_offset : s.end], s.r, s.out_features),
+        """A and B of every module, from one batched top-k admixture over the whole table.
+
+        B is a transposed view of a rank-major block (no copy). The table is cut with one ``split``:
+        slicing it per module would give every slice a dense (P, b) gradient in backward.
+        """
+        sub = VF.topk_admixture(self.logits, self.bank, self.topk, self._order_on(self.logits.device))
+        parts = sub.split(self._sizes)  # (P, b) -> per module (r * in/b, b) and (r * out/b, b)
+        factors = {}
+        for path, s in self.layout.items():
+            i = self._segment[path]
+            factors[path] = (
+                VF.factor_a(parts[i], s.r, s.in_features),
+                VF.factor_b_t(parts[i + 1], s.r, s.out_features),
             )
-            for path, s in self.layout.items()
-        }
+        return factors
+
+    def _order_on(self, device: torch.device) -> Tensor | None:
+        if self._order is not None and self._order.device != device:
+            with torch.inference_mode(False):
+                self._order = self._order.to(device)
+        return self._order
 
     def _needs_graph(self) -> bool:
         return torch.is_grad_enabled() and (self.bank.requires_grad or self.logits.requires_grad)
@@ -136,7 +171,10 @@ class AdapterBank(nn.Module):
             self._cache_key = key
 
     def factors(self, path: str) -> tuple[Tensor, Tensor]:
-        """The (A, B) of module ``path`` for the current pass: A (r, in), B (out, r)."""
+        """The (A, B) of module ``path`` for the current pass: A (r, in), B (out, r).
+
+        B is a transposed view (``B.T`` is contiguous); call ``.contiguous()`` before serialising it.
+        """
         if self._factors is None:
             self.refresh()
         assert self._factors is not None

