@@ -5,8 +5,8 @@ the same schedule (linear warm-up and decay), the same batch order and the same 
 initialisation and learning rate; only the adapter differs. It reports held-out accuracy, stored
 bytes of the adapter (classifier head excluded, as saved by each library) and training time.
 
-Run (about 4 x the demo's training time; use --quick for a smoke run):
-    python benchmarks/accuracy.py [--methods vblora,lora-qv,lora-all,head-only] [--json out.json]
+Run (about 4 x the demo's training time per seed; --quick for a smoke run):
+    python benchmarks/accuracy.py [--methods vblora,lora-qv@2e-3,lora-all@1e-3,head-only] [--seeds 3]
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def build_head_only(
     return base, torch.optim.AdamW(head, lr=s.head_lr, weight_decay=0.0), lambda d: (0, 0)
 
 
-def run_method(method: str, s: RunSettings, args: argparse.Namespace) -> dict[str, Any]:
+def run_method(method: str, lora_lr: float, s: RunSettings, args: argparse.Namespace) -> dict[str, Any]:
     """Train one method on the shared split and budget; return its row of the table."""
     torch.manual_seed(s.seed)  # the same classifier-head initialisation for every method
     base, tokenizer = T.load_base_model(s.task, s.model or "minilm", label_names=["rotten", "fresh"])
@@ -101,42 +101,58 @@ def run_method(method: str, s: RunSettings, args: argparse.Namespace) -> dict[st
     if method == "vblora":
         model, optimizer, save = build_vblora(base, s)
     elif method in LORA_TARGETS:
-        model, optimizer, save = build_lora(base, s, LORA_TARGETS[method], args.lora_lr, args.lora_r)
+        model, optimizer, save = build_lora(base, s, LORA_TARGETS[method], lora_lr, args.lora_r)
     else:
         model, optimizer, save = build_head_only(base, s)
-    print(f"\n== {method}: {len(data.train)} training examples, {T.plan_steps(len(data.train), s)[1]} steps")
+    name = f"{method} (lr {lora_lr:g})" if method in LORA_TARGETS else method
+    print(
+        f"\n== {name}, seed {s.seed}: {len(data.train)} examples, {T.plan_steps(len(data.train), s)[1]} steps"
+    )
     history = T.train_steps(model, optimizer, data.train, s, progress=not args.quiet)
     acc = T.accuracy(model, T.by_length(data.test), s.eval_batch_size)
-    print(f"{method}: accuracy {acc:.4f} after {history.train_seconds:.0f} s of training", flush=True)
+    print(f"{name}: accuracy {acc:.4f} after {history.train_seconds:.0f} s of training", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         adapter_bytes, file_bytes = save(pathlib.Path(tmp))
-    row = {
-        "method": method,
+    print(f"{name}: {adapter_bytes:,} stored bytes (head excluded), file {file_bytes:,} bytes")
+    return {
+        "method": name,
+        "seed": s.seed,
         "accuracy": acc,
         "stored_bytes": adapter_bytes,
         "file_bytes": file_bytes,
         "train_seconds": round(history.train_seconds, 1),
         "steps": len(history.losses),
-        "final_loss": sum(history.losses[-20:]) / max(1, len(history.losses[-20:])),
     }
-    print(f"{method}: {adapter_bytes:,} stored bytes (head excluded), file {file_bytes:,} bytes")
-    return row
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per method: accuracy mean and standard deviation over seeds, mean time."""
+    out = []
+    for name in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == name]
+        accs = [r["accuracy"] for r in mine]
+        mean = sum(accs) / len(accs)
+        std = (sum((a - mean) ** 2 for a in accs) / max(1, len(accs) - 1)) ** 0.5
+        time_s = sum(r["train_seconds"] for r in mine) / len(mine)
+        out.append({**mine[0], "accuracy": mean, "std": std, "seeds": len(mine), "train_seconds": time_s})
+    return out
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """The markdown table, with bytes relative to the largest LoRA and accuracy relative to the best LoRA."""
+    """The markdown table, with bytes relative to the best LoRA (the most accurate one)."""
     loras = [r for r in rows if r["method"].startswith("lora")]
     best = max(loras, key=lambda r: r["accuracy"]) if loras else None
     lines = [
-        "| method | accuracy | stored bytes (head excluded) | vs best LoRA bytes | train time |",
+        "| method | accuracy | stored bytes (head excluded) | vs best LoRA's bytes | train time |",
         "|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = (
             f"{100 * r['stored_bytes'] / best['stored_bytes']:.1f}%" if best and r["stored_bytes"] else "-"
         )
+        spread = f" ± {100 * r['std']:.1f}" if r["seeds"] > 1 else ""
         lines.append(
-            f"| {r['method']} | {100 * r['accuracy']:.1f}% | {r['stored_bytes']:,} | {ratio} "
+            f"| {r['method']} | {100 * r['accuracy']:.1f}%{spread} | {r['stored_bytes']:,} | {ratio} "
             f"| {r['train_seconds']:.0f} s |"
         )
     if best:
@@ -149,11 +165,19 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--methods", default="vblora,lora-qv,lora-all,head-only", help="comma-separated methods"
+        "--methods",
+        default="vblora,lora-qv@2e-3,lora-all@1e-3,head-only",
+        help="comma-separated: vblora, lora-qv, lora-all, head-only; a LoRA may name its lr (lora-qv@2e-3)",
     )
-    parser.add_argument("--lora-lr", type=float, default=1e-3, help="learning rate of the LoRA factors")
+    parser.add_argument(
+        "--lora-lr",
+        default="2e-3",
+        help="LoRA learning rate(s) where --methods names none; comma-separated to sweep",
+    )
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (alpha = 2r)")
-    parser.add_argument("--seed", type=int, default=None, help="training seed (default: the demo's)")
+    parser.add_argument("--num-vectors", type=int, help="VB-LoRA bank size (default: the demo's)")
+    parser.add_argument("--seed", type=int, default=None, help="first training seed (default: the demo's)")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per method; the table shows mean ± std")
     parser.add_argument("--train-size", type=int, help="training examples (default: the demo's)")
     parser.add_argument("--epochs", type=int, help="epochs (default: the demo's)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
@@ -168,20 +192,31 @@ def main(argv: list[str] | None = None) -> int:
     s = RunSettings().resolved()  # the demo's split, budget and VB-LoRA recipe
     if args.quick:
         s = dataclasses.replace(s, train_size=256, epochs=1)
-    for name in ("seed", "train_size", "epochs"):
+    for name in ("seed", "train_size", "epochs", "num_vectors"):
         if getattr(args, name) is not None:
             s = dataclasses.replace(s, **{name: getattr(args, name)})
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.time()
-    rows = [run_method(m, s, args) for m in args.methods.split(",")]
-    print(f"\n{cpu_model()}, {torch.get_num_threads()} threads; {s.train_size} examples x {s.epochs} epochs")
-    print(table(rows))
-    if args.json:
-        setup = {"settings": dataclasses.asdict(s), "environment": environment(), "lora_lr": args.lora_lr}
-        args.json.write_text(
-            json.dumps({"rows": rows, "setup": setup, "wall_seconds": time.time() - started}, indent=2)
+    lrs = [float(x) for x in args.lora_lr.split(",")]
+    runs = []
+    for item in args.methods.split(","):
+        method, _, lr = item.partition("@")
+        if method not in (*LORA_TARGETS, "vblora", "head-only"):
+            parser.error(f"unknown method {method!r}")
+        runs += (
+            [(method, x) for x in ([float(lr)] if lr else lrs)] if method in LORA_TARGETS else [(method, 0.0)]
         )
+    seeds = [s.seed + i for i in range(args.seeds)]
+    rows = [run_method(m, lr, dataclasses.replace(s, seed=seed), args) for m, lr in runs for seed in seeds]
+    summary = summarise(rows)
+    threads = torch.get_num_threads()
+    print(f"\n{cpu_model()}, {threads} threads; {s.train_size} examples x {s.epochs} epochs, seeds {seeds}")
+    print(table(summary))
+    if args.json:
+        setup = {"settings": dataclasses.asdict(s), "environment": environment(), "argv": sys.argv[1:]}
+        result = {"summary": summary, "rows": rows, "setup": setup, "wall_seconds": time.time() - started}
+        args.json.write_text(json.dumps(result, indent=2))
     return 0
 
 

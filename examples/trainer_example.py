@@ -2,7 +2,7 @@
 
 VBLoRATrainer gives the logits, the bank and the classifier head their own learning rates, and its
 checkpoints (``checkpoint-N/``) hold the adapter directory instead of the whole model.
-A small budget (600 sentences, one epoch, about a minute on 2 CPU cores); `vblora train` is the full demo.
+A small budget (2,000 sentences, one epoch, about a minute on 2 CPU cores); `vblora train` is the full demo.
 
 Run: python examples/trainer_example.py [output folder]
 """
@@ -18,6 +18,7 @@ from transformers import (
     DataCollatorWithPadding,
     TrainingArguments,
 )
+from transformers.utils import logging as hf_logging
 
 from vblora import VBLoRAConfig, get_vblora_model
 from vblora.data import load_rotten_tomatoes, minilm_path, split_examples
@@ -25,6 +26,7 @@ from vblora.hf import VBLoRATrainer
 
 output = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/trainer-example")
 torch.manual_seed(0)
+hf_logging.set_verbosity_error()  # the classifier head is new on purpose: no load report
 
 examples, labels = load_rotten_tomatoes()
 train, test = split_examples(examples, test_size=1000, seed=0)  # the split `vblora train` uses
@@ -42,6 +44,7 @@ config = VBLoRAConfig(
     vector_length=128,
     target_modules=["query", "key", "value", "dense"],
     modules_to_save=["classifier"],
+    save_only_topk_weights=True,  # for model.save_pretrained; the trainer's checkpoints keep full logits
 )
 model = get_vblora_model(base, config)
 model.print_savable_parameters()
@@ -53,7 +56,7 @@ args = TrainingArguments(
     num_train_epochs=1,
     learning_rate=5e-3,  # the classifier head; the logits and bank rates are passed to the trainer
     lr_scheduler_type="linear",
-    warmup_ratio=0.06,
+    warmup_steps=0.06,  # a float is a fraction of the steps (transformers >= 5)
     eval_strategy="epoch",
     save_strategy="epoch",
     logging_steps=5,
@@ -69,7 +72,7 @@ def accuracy(prediction):
 trainer = VBLoRATrainer(
     model,
     args,
-    train_dataset=encode(train[:600]),
+    train_dataset=encode(train[:2000]),
     eval_dataset=encode(test[:300]),
     data_collator=DataCollatorWithPadding(tokenizer),
     processing_class=tokenizer,
@@ -83,5 +86,5 @@ print("after training:", trainer.evaluate()["eval_accuracy"])
 
 checkpoint = sorted(output.glob("checkpoint-*"))[-1]
 print(f"{checkpoint.name}/ holds:", sorted(p.name for p in checkpoint.iterdir()))
-model.save_pretrained(output / "adapter", save_only_topk_weights=True)  # inference-only, a few kB
+model.save_pretrained(output / "adapter")  # top-k, as the config says: inference only, tens of kB
 print("top-k adapter:", (output / "adapter" / "adapter_model.safetensors").stat().st_size, "bytes")

@@ -74,40 +74,36 @@ def _show(value: Any, name: str = "") -> str:
     return ",".join(value) if isinstance(value, list) else str(value)
 
 
-def _add(group: argparse._ArgumentGroup, flag: str, help: str, **kwargs: Any) -> None:
-    """An option whose absence leaves the RunSettings default (argparse.SUPPRESS keeps it unset)."""
+def _add(
+    group: argparse._ArgumentGroup, flag: str, help: str, default: str | None = None, **kwargs: Any
+) -> None:
+    """An option whose absence leaves the RunSettings default (argparse.SUPPRESS keeps it unset).
+
+    ``default`` describes that default in --help; by default it is read from RunSettings.
+    """
     name = flag.lstrip("-").replace("-", "_")
     if kwargs.get("action") != "store_true":
-        help = f"{help} (default: {_default(name)})"
+        help = f"{help} (default: {default or _default(name)})"
     group.add_argument(flag, default=argparse.SUPPRESS, help=help, **kwargs)
 
 
-def _add_data_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+def _add_data_options(parser: argparse.ArgumentParser, default: str | None = None) -> argparse._ArgumentGroup:
+    """The data options of train (defaults from RunSettings) and eval (``default``: the run's)."""
     g = parser.add_argument_group("data")
+    data_help = "'rotten-tomatoes', 'chatterbot', 'hamlet', or a .csv/.tsv/.jsonl file"
+    _add(g, "--data", data_help, default, metavar="NAME|FILE")
+    _add(g, "--text-column", "file column with the text (causal-lm: the prompt)", default, metavar="NAME")
+    label_help = "file column with the label (causal-lm: the answer the loss is taken on)"
+    _add(g, "--label-column", label_help, default, metavar="NAME")
+    labels_help = "label names in class order, comma-separated; others are an error"
+    _add(g, "--labels", labels_help, default, type=_csv_list)
+    size_help = "held-out examples: a count or a fraction of the data"
+    _add(g, "--test-size", size_help, default, type=_test_size, metavar="N")
+    seed_help = "seed of the train/test shuffle (fixed, so runs share a test set)"
+    _add(g, "--split-seed", seed_help, default, type=int)
     _add(
-        g,
-        "--data",
-        "'rotten-tomatoes', 'chatterbot', 'hamlet', or a .csv/.tsv/.jsonl file",
-        metavar="NAME|FILE",
+        g, "--max-length", "tokens per example; longer ones are cut (hamlet: block length)", default, type=int
     )
-    _add(
-        g,
-        "--text-column",
-        "file column with the text (causal-lm: the prompt)",
-        metavar="NAME",
-    )
-    _add(
-        g,
-        "--label-column",
-        "file column with the label (causal-lm: the answer the loss is taken on)",
-        metavar="NAME",
-    )
-    _add(g, "--labels", "label names in class order, comma-separated; others are an error", type=_csv_list)
-    _add(
-        g, "--test-size", "held-out examples: a count or a fraction of the data", type=_test_size, metavar="N"
-    )
-    _add(g, "--split-seed", "seed of the train/test shuffle (fixed, so runs share a test set)", type=int)
-    _add(g, "--max-length", "tokens per example; longer ones are cut (hamlet: block length)", type=int)
     return g
 
 
@@ -117,7 +113,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         help="fine-tune a model with VB-LoRA",
         description="Fine-tune a transformers model with VB-LoRA and write the adapter (top-k), metrics.json "
         "and training.png to --output. Without arguments: the packaged MiniLM-L6 on Rotten Tomatoes "
-        "(binary sentiment), about 4 minutes on 2 CPU cores.",
+        "(binary sentiment), 2 to 5 minutes on 2 CPU cores.",
     )
     p.add_argument(
         "--task",
@@ -218,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         "print the metric next to the one recorded after training. Data options override the run's.",
     )
     _add_adapter_argument(p)
-    _add_data_options(p)
+    _add_data_options(p, default="the run's")
     p.add_argument("--batch-size", type=int, help="evaluation batch size (default: the run's)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 from dataclasses import dataclass, field
 
 import torch
 
+from .checkpoint import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 from .config import VBLoRAConfig
 from .data import DataError
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."
 STORED_AS = {True: "top-k indices and weights (inference only)", False: "full logits (trainable)"}
 _FACTORS = {"A": ".vblora_logits_A", "B": ".vblora_logits_B"}
 
@@ -111,6 +110,10 @@ def _subvectors(
     return counts, chosen
 
 
+def _natural(path: str) -> list[int | str]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
+
+
 def _size(tensors: list[torch.Tensor]) -> tuple[int, int]:
     return sum(t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors)
 
@@ -131,7 +134,7 @@ def describe(s: AdapterSummary, all_modules: bool = False, shown: int = 12) -> s
         f"modules: {len(s.subvectors)}, sub-vectors: {s.num_subvectors:,} (A + B; {b} values each)",
         f"  {'module':<60} {'A':>6} {'B':>6}",
     ]
-    items = list(s.subvectors.items())
+    items = sorted(s.subvectors.items(), key=lambda item: _natural(item[0]))  # layer 10 after layer 9
     for module, n in items if all_modules else items[:shown]:
         lines.append(f"  {module:<60} {n['A']:>6} {n['B']:>6}")
     if not all_modules and len(items) > shown:

@@ -161,6 +161,7 @@ def cpu_model() -> str:
 
 
 def print_summary(m: dict[str, Any], output: pathlib.Path) -> None:
+    """The end of ``vblora train``: metric before and after, time, parameters, bytes, files."""
     metric = m["metric"]
     per_epoch = ", ".join(f"{e[metric]:.4f}" for e in m["evals"][1:])
     b = m["adapter_bytes"]
@@ -179,7 +180,8 @@ def print_summary(m: dict[str, Any], output: pathlib.Path) -> None:
         f"saved {kind} adapter: {b['file']:,} bytes in adapter_model.safetensors "
         f"({b['vblora_tensors']:,} VB-LoRA tensor bytes + {b['other_tensors']:,} head)"
     )
-    print(f"wrote {output}/: {ADAPTER_DIR}/, {METRICS_NAME}, training.png")
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in output.iterdir())
+    print(f"wrote {output}/: {', '.join(names)}")
 
 
 def write_json(path: pathlib.Path, obj: Any) -> None:

@@ -81,7 +81,7 @@ class RunError(ValueError):
     """A bad setting or input; the message is one line that says what to change."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunSettings:
     """Everything that defines a training run; ``None`` means "the task's default".
 
@@ -164,9 +164,12 @@ class RunSettings:
 
     def check(self) -> None:
         """Reject settings no run can use, before anything is loaded."""
-        for name in ("epochs", "eval_batch_size", "num_generations", "max_new_tokens"):
-            if getattr(self, name) < (0 if name == "num_generations" else 1):
-                raise RunError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        lowest = {"epochs": 1, "eval_batch_size": 1, "num_generations": 0, "max_new_tokens": 1}
+        for name, low in lowest.items():
+            if getattr(self, name) < low:
+                raise RunError(
+                    f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}"
+                )
         for name in ("batch_size", "max_length", "max_steps", "train_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -251,21 +254,12 @@ def prepare_data(
     """Split ``examples`` (seeded), cap the training set at ``train_size`` and tokenise both sides."""
     assert s.test_size is not None and s.max_length is not None
     if s.data == "hamlet":
-        blocks = D.encode_lm_chunks(examples[0], tokenizer, s.max_length)
-        train_idx, test_idx = D.split_examples(list(range(len(blocks))), s.test_size, s.split_seed)
-        train_idx = train_idx[: s.train_size] if s.train_size else train_idx
-        test = _subset(blocks, test_idx)
-        cut = min(32, s.max_length // 2)  # prompt: the first tokens of a held-out block; reference: the rest
-        prompts = [tokenizer.decode(ids[:cut]) for ids in test.input_ids]
-        references = [tokenizer.decode(ids[cut:]) for ids in test.input_ids]
-        return TaskData(_subset(blocks, train_idx), test, prompts=prompts, references=references)
+        return _prepare_blocks(s, tokenizer, examples[0])
     train, test = D.split_examples(examples, s.test_size, s.split_seed)
     train = train[: s.train_size] if s.train_size else train
     if s.task == SEQ_CLS:
-        encode: Callable[..., D.Encoded] = D.encode_classification
-        return TaskData(
-            encode(train, tokenizer, s.max_length), encode(test, tokenizer, s.max_length), label_names
-        )
+        encoded_train = D.encode_classification(train, tokenizer, s.max_length)
+        return TaskData(encoded_train, D.encode_classification(test, tokenizer, s.max_length), label_names)
     return TaskData(
         D.encode_chat_sft(train, tokenizer, s.max_length),
         D.encode_chat_sft(test, tokenizer, s.max_length),
@@ -274,10 +268,22 @@ def prepare_data(
     )
 
 
+def _prepare_blocks(s: RunSettings, tokenizer: PreTrainedTokenizerBase, text: str) -> TaskData:
+    """Language modelling on one long text: blocks of ``max_length`` tokens, split (seeded)."""
+    assert s.test_size is not None and s.max_length is not None
+    blocks = D.encode_lm_chunks(text, tokenizer, s.max_length)
+    train_idx, test_idx = D.split_examples(list(range(len(blocks))), s.test_size, s.split_seed)
+    train_idx = train_idx[: s.train_size] if s.train_size else train_idx
+    test = _subset(blocks, test_idx)
+    cut = min(32, s.max_length // 2)  # prompt: the first tokens of a held-out block; reference: the rest
+    prompts = [tokenizer.decode(ids[:cut]) for ids in test.input_ids]
+    references = [tokenizer.decode(ids[cut:]) for ids in test.input_ids]
+    return TaskData(_subset(blocks, train_idx), test, prompts=prompts, references=references)
+
+
 def _subset(encoded: D.Encoded, indices: list[int]) -> D.Encoded:
-    return D.Encoded(
-        [encoded.input_ids[i] for i in indices], [encoded.labels[i] for i in indices], encoded.pad_token_id
-    )  # type: ignore[misc]
+    labels = [encoded.labels[i] for i in indices]
+    return D.Encoded([encoded.input_ids[i] for i in indices], labels, encoded.pad_token_id)
 
 
 def by_length(encoded: D.Encoded) -> D.Encoded:
@@ -312,6 +318,7 @@ def load_base_model(
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     path = resolve_model_path(name)
+    dtype = {D._dtype_kwarg(): torch.float32}  # `dtype` since transformers 4.56, `torch_dtype` before
     try:
         # never download: a hub-style name must already be in the local Hugging Face cache
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -322,11 +329,11 @@ def load_base_model(
                 num_labels=len(names),
                 id2label=dict(enumerate(names)),
                 label2id={n: i for i, n in enumerate(names)},
-                dtype=torch.float32,
                 local_files_only=True,
+                **dtype,
             )
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **dtype)
     except (OSError, ValueError, KeyError) as err:
         if path == name and not pathlib.Path(name).exists():
             raise RunError(
