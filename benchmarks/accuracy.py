@@ -29,6 +29,7 @@ from vblora.runs import cpu_model, environment
 from vblora.train import RunSettings
 
 LORA_TARGETS = {"lora-qv": ["query", "value"], "lora-all": ["query", "key", "value", "dense"]}
+VBLORA_TARGETS = {"vblora": None, "vblora-qv": ["query", "value"]}  # None: the demo's targets
 
 
 def stored_adapter_bytes(folder: pathlib.Path, marker: str) -> tuple[int, int]:
@@ -91,20 +92,27 @@ def build_head_only(
     return base, torch.optim.AdamW(head, lr=s.head_lr, weight_decay=0.0), lambda d: (0, 0)
 
 
-def run_method(method: str, lora_lr: float, s: RunSettings, args: argparse.Namespace) -> dict[str, Any]:
-    """Train one method on the shared split and budget; return its row of the table."""
+def run_method(method: str, param: float, s: RunSettings, args: argparse.Namespace) -> dict[str, Any]:
+    """Train one method on the shared split and budget; return its row of the table.
+
+    ``param`` is the learning rate of a LoRA method, the bank size of a VB-LoRA one (0: the demo's).
+    """
+    name = f"{method} (lr {param:g})" if method in LORA_TARGETS else method
+    if method in VBLORA_TARGETS:
+        s = dataclasses.replace(s, target_modules=VBLORA_TARGETS[method] or s.target_modules)
+        s = dataclasses.replace(s, num_vectors=int(param) or s.num_vectors)
+        name = f"{method} (h={s.num_vectors})"
     torch.manual_seed(s.seed)  # the same classifier-head initialisation for every method
     base, tokenizer = T.load_base_model(s.task, s.model or "minilm", label_names=["rotten", "fresh"])
     examples, label_names = T.load_examples(s)
     data = T.prepare_data(s, tokenizer, examples, label_names)
     torch.manual_seed(s.seed)
-    if method == "vblora":
+    if method in VBLORA_TARGETS:
         model, optimizer, save = build_vblora(base, s)
     elif method in LORA_TARGETS:
-        model, optimizer, save = build_lora(base, s, LORA_TARGETS[method], lora_lr, args.lora_r)
+        model, optimizer, save = build_lora(base, s, LORA_TARGETS[method], param, args.lora_r)
     else:
         model, optimizer, save = build_head_only(base, s)
-    name = f"{method} (lr {lora_lr:g})" if method in LORA_TARGETS else method
     print(
         f"\n== {name}, seed {s.seed}: {len(data.train)} examples, {T.plan_steps(len(data.train), s)[1]} steps"
     )
@@ -167,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--methods",
         default="vblora,lora-qv@2e-3,lora-all@1e-3,head-only",
-        help="comma-separated: vblora, lora-qv, lora-all, head-only; a LoRA may name its lr (lora-qv@2e-3)",
+        help="comma-separated: vblora, vblora-qv, lora-qv, lora-all, head-only; a LoRA may name its lr "
+        "(lora-qv@2e-3), a VB-LoRA its bank size (vblora-qv@24)",
     )
     parser.add_argument(
         "--lora-lr",
@@ -199,14 +208,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     started = time.time()
     lrs = [float(x) for x in args.lora_lr.split(",")]
-    runs = []
+    runs: list[tuple[str, float]] = []
     for item in args.methods.split(","):
-        method, _, lr = item.partition("@")
-        if method not in (*LORA_TARGETS, "vblora", "head-only"):
+        method, _, param = item.partition("@")
+        if method not in (*LORA_TARGETS, *VBLORA_TARGETS, "head-only"):
             parser.error(f"unknown method {method!r}")
-        runs += (
-            [(method, x) for x in ([float(lr)] if lr else lrs)] if method in LORA_TARGETS else [(method, 0.0)]
-        )
+        if method in LORA_TARGETS:
+            runs += [(method, x) for x in ([float(param)] if param else lrs)]
+        else:
+            runs.append((method, float(param or 0)))
     seeds = [s.seed + i for i in range(args.seeds)]
     rows = [run_method(m, lr, dataclasses.replace(s, seed=seed), args) for m, lr in runs for seed in seeds]
     summary = summarise(rows)
