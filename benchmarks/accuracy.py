@@ -189,6 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=1, help="seeds per method; the table shows mean ± std")
     parser.add_argument("--train-size", type=int, help="training examples (default: the demo's)")
     parser.add_argument("--epochs", type=int, help="epochs (default: the demo's)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a RunSettings field for every method, e.g. --set bank_lr=2e-2 (repeatable)",
+    )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 256 examples, 1 epoch")
     parser.add_argument("--json", type=pathlib.Path, help="also write the rows and the setup as JSON")
@@ -204,6 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("seed", "train_size", "epochs", "num_vectors"):
         if getattr(args, name) is not None:
             s = dataclasses.replace(s, **{name: getattr(args, name)})
+    for item in args.set:
+        field, _, value = item.partition("=")
+        kinds = {f.name: f.type for f in dataclasses.fields(RunSettings)}
+        if field not in kinds or not value:
+            parser.error(f"--set {item!r}: expected FIELD=VALUE with a RunSettings field")
+        cast = float if "float" in str(kinds[field]) else int if "int" in str(kinds[field]) else str
+        s = dataclasses.replace(s, **{field: cast(value)})
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.time()

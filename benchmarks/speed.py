@@ -161,24 +161,37 @@ class Case:
 
 def llama_case(setup: Setup) -> Case:
     """A Llama-shaped model from config: hidden 1024, FFN 2816, all 7 projections, vocab 8k."""
+    layers, batch, seq = (2, 4, 64) if setup.quick else (4, 8, 128)
+    return _llama(setup, layers, hidden=1024, ffn=2816, heads=16, vocab=8192, batch=batch, seq=seq)
+
+
+def llama_7b_case(setup: Setup) -> Case:
+    """Two layers of Llama-2-7B's shape (hidden 4096, FFN 11008, 32 heads, vocab 32k), batch 8 x 512:
+    a GPU case where the matrix products, not the launch of kernels, set the time."""
+    layers, batch, seq = (1, 1, 32) if setup.quick else (2, 8, 512)
+    return _llama(setup, layers, hidden=4096, ffn=11008, heads=32, vocab=32000, batch=batch, seq=seq)
+
+
+def _llama(
+    setup: Setup, layers: int, hidden: int, ffn: int, heads: int, vocab: int, batch: int, seq: int
+) -> Case:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    layers, batch, seq = (2, 4, 64) if setup.quick else (4, 8, 128)
     config = LlamaConfig(
-        vocab_size=8192,
-        hidden_size=1024,
-        intermediate_size=2816,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=ffn,
         num_hidden_layers=layers,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        max_position_embeddings=512,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=1024,
     )
     torch.manual_seed(0)
     base = LlamaForCausalLM(config).float()
     ids = torch.randint(0, config.vocab_size, (batch, seq))
     prompt = torch.randint(0, config.vocab_size, (1, 32))
     return Case(
-        f"Llama {layers}L h1024 ({batch}x{seq})",
+        f"Llama {layers}L h{hidden} ({batch}x{seq})",
         base,
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         vector_length=256,

@@ -94,7 +94,7 @@ def _train_once(builder, config: VBLoRAConfig, fused: bool, monkeypatch) -> tupl
     torch.manual_seed(0)
     model = get_vblora_model(builder(), config)
     if not fused:
-        monkeypatch.setattr(VBLoRALayer, "_fusable", lambda self, x: None)
+        monkeypatch.setattr(VBLoRALayer, "_fusable", lambda self, x, base: None)
     model.train()
     ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))
     out = model(input_ids=ids, labels=ids)
@@ -130,13 +130,23 @@ def test_fusion_only_where_the_base_call_can_be_skipped() -> None:
     torch.manual_seed(0)
     model = get_vblora_model(tiny_llama(), VBLoRAConfig(num_vectors=32, vector_length=16))
     layer = next(model.vblora_layers())
+    base = layer.base_layer
     x = torch.randn(2, 3, layer.in_features)
-    assert layer._fusable(x) is not None
-    handle = layer.base_layer.register_forward_hook(lambda *args: None)
-    assert layer._fusable(x) is None  # the hook must see the base output
-    handle.remove()
-    assert layer._fusable(x.double()) is None  # one dtype only
+    assert layer._fusable(x, base) is not None
+    assert layer._fusable(x.double(), base) is None  # one dtype only
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert layer._fusable(x) is None
-    model.merge_adapter()
-    assert layer._fusable(x) is None
+        assert layer._fusable(x, base) is None
+    with torch.no_grad():
+        want = layer(x)
+        # A hook on the base layer must see the base output: the layer then calls the base layer.
+        seen: list[torch.Tensor] = []
+        handle = base.register_forward_hook(lambda module, args, out: seen.append(out))
+        torch.testing.assert_close(layer(x), want)
+        assert len(seen) == 1
+        torch.testing.assert_close(seen[0], base.forward(x))
+        model.merge_adapter()  # merged: the base's own output, hooks still called
+        assert layer._fusable(x, base) is None
+        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-6)
+        assert len(seen) == 2
+        handle.remove()
+        torch.testing.assert_close(layer(x), base(x), rtol=0, atol=0)

@@ -125,8 +125,11 @@ def test_qa_table_reads_prompts_and_answers(tmp_path) -> None:
     assert T.load_qa_table(str(f), "q", "a") == [D.QAPair("hello?", "hi there"), D.QAPair("bye?", "see you")]
     with pytest.raises(RunError, match="no column 'question'"):
         T.load_qa_table(str(f), "question", "a")
-    with pytest.raises(RunError, match="no such file"):
+    with pytest.raises(D.DataError, match="no such file"):
         T.load_qa_table(str(tmp_path / "nope.jsonl"), "q", "a")
+    (tmp_path / "qa.txt").write_text("q,a\nhello?,hi\n")
+    with pytest.raises(D.DataError, match="unknown extension"):
+        T.load_qa_table(str(tmp_path / "qa.txt"), "q", "a")
 
 
 def test_builtin_data_must_match_the_task() -> None:

@@ -621,6 +621,16 @@ def _install(model: VBLoRAModel, adapter_name: str, plan: _Plan) -> None:
     bank.clear_cache()
 
 
+def _add_or_roll_back(model: VBLoRAModel, adapter_name: str, plan: _Plan) -> None:
+    """:func:`_install` into an existing model; on any failure the half-added adapter is removed."""
+    try:
+        _install(model, adapter_name, plan)
+    except BaseException:
+        if adapter_name in model.peft_config:
+            model.delete_adapter(adapter_name)
+        raise
+
+
 # ---------------------------------------------------------------------------- loading directories
 def load_adapter(model: VBLoRAModel, path: StrPath, adapter_name: str, is_trainable: bool = False) -> None:
     """Add the adapter saved in ``path`` (ours or PEFT's) to ``model``, inactive until set_adapter.
@@ -636,12 +646,7 @@ def load_adapter(model: VBLoRAModel, path: StrPath, adapter_name: str, is_traina
     plan.fail_if_problems(folder, adapter_name)
     if is_trainable and plan.inference_only:
         raise _refuse_training(folder, adapter_name)
-    try:
-        _install(model, adapter_name, plan)
-    except BaseException:
-        if adapter_name in model.peft_config:
-            model.delete_adapter(adapter_name)
-        raise
+    _add_or_roll_back(model, adapter_name, plan)
     if not is_trainable:
         model.eval()  # as PEFT: an inference load disables dropout
 
@@ -863,12 +868,7 @@ def load_compact(base: nn.Module, path: StrPath, adapter_name: str = "default") 
     plan.fail_if_problems(source, adapter_name)
     if not isinstance(base, VBLoRAModel):
         return _wrap(VBLoRAModel, base, adapter_name, plan, is_trainable=False)
-    try:
-        _install(base, adapter_name, plan)
-    except BaseException:
-        if adapter_name in base.peft_config:
-            base.delete_adapter(adapter_name)
-        raise
+    _add_or_roll_back(base, adapter_name, plan)
     return base
 
 

@@ -232,12 +232,7 @@ def load_table(
             empty text or label, an unknown label, an empty file, or fewer than two labels.
     """
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    suffix = path.suffix.lower()
-    if suffix != ".jsonl" and suffix not in DELIMITERS:
-        raise DataError(f"{path}: unknown extension '{path.suffix}'; use .csv, .tsv or .jsonl")
-    rows = _read_jsonl(path) if suffix == ".jsonl" else _read_delimited(path, DELIMITERS[suffix])
+    rows = read_rows(path)
     raw = [_table_row(path, line, row, text_column, label_column) for line, row in rows]
     if not raw:
         raise DataError(f"{path}: the file holds no examples")
@@ -247,6 +242,22 @@ def load_table(
         if label not in index:
             raise DataError(f"{path}:{line}: label {label!r} is not one of: {', '.join(names)}")
     return [TextExample(text, index[label]) for _, text, label in raw], names
+
+
+def read_rows(path: pathlib.Path) -> list[tuple[int, dict[str, Any]]]:
+    """Return ``(line number, row)`` for each data row of a CSV, TSV (header line) or JSONL file.
+
+    Raises:
+        DataError: the file is missing, its extension is not one of those, or a line is malformed.
+    """
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
+    if suffix not in DELIMITERS:
+        raise DataError(f"{path}: unknown extension '{path.suffix}'; use .csv, .tsv or .jsonl")
+    return _read_delimited(path, DELIMITERS[suffix])
 
 
 def _read_delimited(path: pathlib.Path, delimiter: str) -> list[tuple[int, dict[str, Any]]]:
@@ -429,7 +440,7 @@ def _build_smollm2(gguf_dir: pathlib.Path, dest: pathlib.Path) -> None:
     """Dequantise the SmolLM2 GGUF into an fp32 checkpoint plus tokenizer saved in ``dest``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = {_dtype_kwarg(): torch.float32}
+    dtype = {dtype_kwarg(): torch.float32}
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, local_files_only=True)
     quantized = AutoModelForCausalLM.from_pretrained(
         gguf_dir, gguf_file=SMOLLM2_GGUF, local_files_only=True, **dtype
@@ -445,7 +456,7 @@ def _build_smollm2(gguf_dir: pathlib.Path, dest: pathlib.Path) -> None:
     tokenizer.save_pretrained(dest)
 
 
-def _dtype_kwarg() -> str:
+def dtype_kwarg() -> str:
     """Return the from_pretrained keyword for dtype: ``dtype`` since transformers 4.56."""
     import transformers
 
@@ -456,7 +467,7 @@ def _dtype_kwarg() -> str:
 # --------------------------------------------------------------------------- tokenised data
 
 
-def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """Return the padding id: the tokenizer's pad token, else its end-of-sequence token."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
@@ -489,7 +500,7 @@ def encode_classification(
     if not examples:
         raise DataError("no examples to encode")
     ids = tokenizer([e.text for e in examples], truncation=True, max_length=max_length)["input_ids"]
-    return Encoded([list(x) for x in ids], [e.label for e in examples], _pad_id(tokenizer))
+    return Encoded([list(x) for x in ids], [e.label for e in examples], pad_token_id(tokenizer))
 
 
 def encode_chat_sft(pairs: Sequence[QAPair], tokenizer: PreTrainedTokenizerBase, max_length: int) -> Encoded:
@@ -523,7 +534,7 @@ def encode_chat_sft(pairs: Sequence[QAPair], tokenizer: PreTrainedTokenizerBase,
         labels.append([IGNORE_INDEX] * len(prompt) + full[len(prompt) :])
     if not input_ids:
         raise DataError(f"max_length {max_length} is too short: every prompt fills it; raise max_length")
-    return Encoded(input_ids, labels, _pad_id(tokenizer))
+    return Encoded(input_ids, labels, pad_token_id(tokenizer))
 
 
 def _sft_token_ids(pair: QAPair, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
@@ -562,7 +573,7 @@ def encode_lm_chunks(text: str, tokenizer: PreTrainedTokenizerBase, block_size: 
     if n_blocks == 0:
         raise DataError(f"the text has {len(ids)} tokens, fewer than block_size {block_size}; lower it")
     blocks = [ids[i * block_size : (i + 1) * block_size] for i in range(n_blocks)]
-    return Encoded(blocks, [list(b) for b in blocks], _pad_id(tokenizer))
+    return Encoded(blocks, [list(b) for b in blocks], pad_token_id(tokenizer))
 
 
 def batches(

@@ -220,15 +220,7 @@ def load_examples(s: RunSettings) -> tuple[list[Any], list[str]]:
 def load_qa_table(path: str, prompt_column: str, answer_column: str) -> list[D.QAPair]:
     """Prompt/answer pairs from a CSV/TSV/JSONL file (the text and label columns of the causal-LM task)."""
     p = pathlib.Path(path)
-    if not p.is_file():
-        raise RunError(f"{p}: no such file")
-    suffix = p.suffix.lower()
-    if suffix == ".jsonl":
-        rows = D._read_jsonl(p)
-    elif suffix in D.DELIMITERS:
-        rows = D._read_delimited(p, D.DELIMITERS[suffix])
-    else:
-        raise RunError(f"{p}: unknown extension '{p.suffix}'; use .csv, .tsv or .jsonl")
+    rows = D.read_rows(p)
     pairs = []
     for line, row in rows:
         for column, flag in ((prompt_column, "text"), (answer_column, "label")):
@@ -318,7 +310,7 @@ def load_base_model(
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     path = resolve_model_path(name)
-    dtype = {D._dtype_kwarg(): torch.float32}  # `dtype` since transformers 4.56, `torch_dtype` before
+    dtype = {D.dtype_kwarg(): torch.float32}  # `dtype` since transformers 4.56, `torch_dtype` before
     try:
         # never download: a hub-style name must already be in the local Hugging Face cache
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -343,7 +335,7 @@ def load_base_model(
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise RunError(f"--model {name}: could not load it with transformers ({first})") from None
     if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = D._pad_id(tokenizer)  # classifiers find the last token by padding
+        model.config.pad_token_id = D.pad_token_id(tokenizer)  # classifiers find the last token by padding
     return model.eval(), tokenizer
 
 
@@ -554,7 +546,7 @@ def generate(
             attention_mask=torch.ones_like(ids),
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            pad_token_id=D._pad_id(tokenizer),
+            pad_token_id=D.pad_token_id(tokenizer),
         )
         outputs.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
     return outputs
