@@ -6,7 +6,8 @@ initialisation and learning rate; only the adapter differs. It reports held-out 
 bytes of the adapter (classifier head excluded, as saved by each library) and training time.
 
 Run (about 4 x the demo's training time per seed; --quick for a smoke run):
-    python benchmarks/accuracy.py [--methods vblora,lora-qv@2e-3,lora-all@1e-3,head-only] [--seeds 3]
+    python benchmarks/accuracy.py [--methods vblora,vblora@12,lora-qv@2e-3,lora-all@1e-3,head-only]
+        [--seeds 3] [--set logits_lr=2e-2 ...]
 """
 
 from __future__ import annotations
@@ -29,7 +30,11 @@ from vblora.runs import cpu_model, environment
 from vblora.train import RunSettings
 
 LORA_TARGETS = {"lora-qv": ["query", "value"], "lora-all": ["query", "key", "value", "dense"]}
-VBLORA_TARGETS = {"vblora": None, "vblora-qv": ["query", "value"]}  # None: the demo's targets
+VBLORA_TARGETS = {  # None: the demo's targets
+    "vblora": None,
+    "vblora-qv": ["query", "value"],
+    "vblora-attn": ["query", "key", "value", "attention.output.dense"],
+}
 
 
 def stored_adapter_bytes(folder: pathlib.Path, marker: str) -> tuple[int, int]:
@@ -118,7 +123,13 @@ def run_method(method: str, param: float, s: RunSettings, args: argparse.Namespa
     )
     history = T.train_steps(model, optimizer, data.train, s, progress=not args.quiet)
     acc = T.accuracy(model, T.by_length(data.test), s.eval_batch_size)
-    print(f"{name}: accuracy {acc:.4f} after {history.train_seconds:.0f} s of training", flush=True)
+    tail = history.losses[-25:]
+    final_loss = sum(tail) / max(1, len(tail))  # the training loss over the last 25 steps
+    print(
+        f"{name}: accuracy {acc:.4f} after {history.train_seconds:.0f} s of training, "
+        f"final training loss {final_loss:.3f}",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         adapter_bytes, file_bytes = save(pathlib.Path(tmp))
     print(f"{name}: {adapter_bytes:,} stored bytes (head excluded), file {file_bytes:,} bytes")
@@ -130,6 +141,7 @@ def run_method(method: str, param: float, s: RunSettings, args: argparse.Namespa
         "file_bytes": file_bytes,
         "train_seconds": round(history.train_seconds, 1),
         "steps": len(history.losses),
+        "final_train_loss": round(final_loss, 4),
     }
 
 
@@ -174,9 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--methods",
-        default="vblora,lora-qv@2e-3,lora-all@1e-3,head-only",
-        help="comma-separated: vblora, vblora-qv, lora-qv, lora-all, head-only; a LoRA may name its lr "
-        "(lora-qv@2e-3), a VB-LoRA its bank size (vblora-qv@24)",
+        default="vblora,vblora@12,lora-qv@2e-3,lora-all@1e-3,head-only",
+        help="comma-separated: vblora (the demo's targets), vblora-qv, vblora-attn, lora-qv, lora-all, "
+        "head-only; a LoRA may name its lr (lora-qv@2e-3), a VB-LoRA its bank size (vblora@12: the "
+        "largest bank that keeps the demo's targets under 5%% of query/value LoRA's bytes)",
     )
     parser.add_argument(
         "--lora-lr",
@@ -217,7 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         if field not in kinds or not value:
             parser.error(f"--set {item!r}: expected FIELD=VALUE with a RunSettings field")
         cast = float if "float" in str(kinds[field]) else int if "int" in str(kinds[field]) else str
-        s = dataclasses.replace(s, **{field: cast(value)})
+        try:
+            s = dataclasses.replace(s, **{field: cast(value)})
+        except ValueError:
+            parser.error(f"--set {item!r}: {value!r} is not a valid {cast.__name__}")
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.time()
