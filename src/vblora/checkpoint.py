@@ -162,10 +162,21 @@ def _read_directory(path: StrPath) -> tuple[VBLoRAConfig, dict[str, Tensor], Pat
 
 
 # ---------------------------------------------------------------------------- saving
-def _module_logits(bank: AdapterBank, slot: Slot) -> tuple[Tensor, Tensor]:
-    """PEFT's ``vblora_logits_A`` (r, in/b, h) and ``vblora_logits_B`` (out/b, r, h) of one module."""
-    h, b = bank.num_vectors, slot.vector_length
-    logits = bank.logits.detach()
+def _is_sharded(tensor: Tensor) -> bool:
+    """True for a DTensor, as FSDP2's ``fully_shard`` makes of every parameter."""
+    return callable(getattr(tensor, "full_tensor", None))
+
+
+def _full(tensor: Tensor) -> Tensor:
+    """The whole tensor, detached; a DTensor is gathered (a collective: every rank must call)."""
+    tensor = tensor.detach()
+    return tensor.full_tensor() if _is_sharded(tensor) else tensor
+
+
+def _module_logits(logits: Tensor, slot: Slot) -> tuple[Tensor, Tensor]:
+    """PEFT's ``vblora_logits_A`` (r, in/b, h) and ``vblora_logits_B`` (out/b, r, h) of one module,
+    cut from the adapter's whole ``(P, h)`` logits table."""
+    h, b = logits.shape[-1], slot.vector_length
     a = logits[slot.a_offset : slot.b_offset].reshape(slot.r, slot.in_features // b, h)
     b_ = logits[slot.b_offset : slot.end].reshape(slot.out_features // b, slot.r, h)
     return a, b_
@@ -175,9 +186,10 @@ def _vblora_tensors(bank: AdapterBank, topk: bool) -> dict[str, Tensor]:
     """The bank and every module's logits (or top-k indices and k-1 weights) under PEFT's keys."""
     from .model import _index_dtype
 
-    out = {BANK_KEY: bank.bank.detach()}
+    out = {BANK_KEY: _full(bank.bank)}
+    table = _full(bank.logits)
     for path, slot in bank.layout.items():
-        for factor, logits in zip("AB", _module_logits(bank, slot)):
+        for factor, logits in zip("AB", _module_logits(table, slot)):
             key = f"{PREFIX}{path}.vblora_logits_{factor}"
             if not topk:
                 out[key] = logits
@@ -195,9 +207,9 @@ def _aux_tensors(model: VBLoRAModel, adapter_name: str) -> dict[str, Tensor]:
     for path, module in model.model.named_modules():
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             for key, tensor in module.modules_to_save[adapter_name].state_dict().items():
-                out[f"{PREFIX}{path}.{key}"] = tensor  # PEFT drops the "modules_to_save.<name>" infix
+                out[f"{PREFIX}{path}.{key}"] = _full(tensor)  # PEFT drops the "modules_to_save.<name>" infix
     for key, tensor in model.trained_biases(adapter_name).items():
-        out[PREFIX + key] = tensor
+        out[PREFIX + key] = _full(tensor)
     return out
 
 
@@ -238,6 +250,9 @@ def save_pretrained(
 
     All files (of all adapters) are serialised and written to temporaries before any target is
     replaced, so a failed save leaves the previous adapter readable.
+
+    A model sharded with FSDP2 (``fully_shard``) holds DTensors: then every rank must call this
+    (the tensors are gathered), and rank 0 alone writes.
     """
     root = Path(save_directory)
     if root.exists() and not root.is_dir():
@@ -251,9 +266,20 @@ def save_pretrained(
         folder = root if name == "default" else root / name
         pending[folder / CONFIG_NAME] = saved.to_json().encode("utf-8")
         pending[folder / WEIGHTS_NAME] = _safetensors_bytes(tensors, {})
+    if _sharded_rank(model) not in (None, 0):
+        return  # the gathered tensors are the same on every rank: rank 0 writes them
     for path in pending:
         path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(pending)
+
+
+def _sharded_rank(model: VBLoRAModel) -> int | None:
+    """This process's rank when the adapters are sharded (FSDP2), else None."""
+    if not any(_is_sharded(bank.bank) for bank in model.vblora_banks.values()):
+        return None
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else None
 
 
 # ---------------------------------------------------------------------------- load plans

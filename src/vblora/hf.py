@@ -104,6 +104,12 @@ class VBLoRATrainer(Trainer):
             return
         os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model)
+        if any(callable(getattr(b.bank, "full_tensor", None)) for b in model.vblora_banks.values()):
+            # Trainer calls _save on the main process only; gathering sharded tensors there would hang.
+            raise RuntimeError(
+                "VBLoRATrainer saves single-process and DDP models; this one is sharded (FSDP). "
+                "Call model.save_pretrained(folder) on every rank instead (rank 0 writes)"
+            )
         model.save_pretrained(output_dir, save_only_topk_weights=False)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
