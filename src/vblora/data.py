@@ -45,6 +45,7 @@ __all__ = [
     "QAPair",
     "TextExample",
     "batches",
+    "dtype_kwarg",
     "encode_chat_sft",
     "encode_classification",
     "encode_lm_chunks",
@@ -53,6 +54,8 @@ __all__ = [
     "load_rotten_tomatoes",
     "load_table",
     "minilm_path",
+    "pad_token_id",
+    "read_rows",
     "smollm2_path",
     "split_examples",
 ]
