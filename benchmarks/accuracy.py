@@ -109,6 +109,10 @@ def run_method(method: str, param: float, s: RunSettings, args: argparse.Namespa
         name = f"{method} (h={s.num_vectors})"
     torch.manual_seed(s.seed)  # the same classifier-head initialisation for every method
     base, tokenizer = T.load_base_model(s.task, s.model or "minilm", label_names=["rotten", "fresh"])
+    if args.no_model_dropout:  # the base model's own dropout (hidden and attention), for every method
+        for module in base.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
     examples, label_names = T.load_examples(s)
     data = T.prepare_data(s, tokenizer, examples, label_names)
     torch.manual_seed(s.seed)
@@ -208,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="FIELD=VALUE",
         help="override a RunSettings field for every method, e.g. --set bank_lr=2e-2 (repeatable)",
+    )
+    parser.add_argument(
+        "--no-model-dropout", action="store_true", help="turn off the base model's own dropout layers"
     )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 256 examples, 1 epoch")
