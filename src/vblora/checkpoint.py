@@ -273,9 +273,14 @@ def save_pretrained(
     _atomic_write(pending)
 
 
+def adapters_sharded(model: VBLoRAModel) -> bool:
+    """True when the model's adapters are sharded DTensors (FSDP2's ``fully_shard``)."""
+    return any(_is_sharded(bank.bank) for bank in model.vblora_banks.values())
+
+
 def _sharded_rank(model: VBLoRAModel) -> int | None:
     """This process's rank when the adapters are sharded (FSDP2), else None."""
-    if not any(_is_sharded(bank.bank) for bank in model.vblora_banks.values()):
+    if not adapters_sharded(model):
         return None
     import torch.distributed as dist
 

@@ -21,6 +21,7 @@ from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.utils import can_return_loss, find_labels
 
+from .checkpoint import adapters_sharded
 from .model import VBLoRAModel
 from .optim import optimizer_param_groups
 
@@ -104,7 +105,7 @@ class VBLoRATrainer(Trainer):
             return
         os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model)
-        if any(callable(getattr(b.bank, "full_tensor", None)) for b in model.vblora_banks.values()):
+        if adapters_sharded(model):
             # Trainer calls _save on the main process only; gathering sharded tensors there would hang.
             raise RuntimeError(
                 "VBLoRATrainer saves single-process and DDP models; this one is sharded (FSDP). "
