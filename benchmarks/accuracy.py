@@ -236,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         kinds = {f.name: f.type for f in dataclasses.fields(RunSettings)}
         if field not in kinds or not value:
             parser.error(f"--set {item!r}: expected FIELD=VALUE with a RunSettings field")
+        if str(kinds[field]).startswith("list"):
+            parser.error(f"--set {item!r}: {field} is a list; --set takes single values only")
         cast = float if "float" in str(kinds[field]) else int if "int" in str(kinds[field]) else str
         try:
             s = dataclasses.replace(s, **{field: cast(value)})

@@ -103,7 +103,6 @@ class VBLoRATrainer(Trainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
-        os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model)
         if adapters_sharded(model):
             # Trainer calls _save on the main process only; gathering sharded tensors there would hang.
@@ -111,6 +110,7 @@ class VBLoRATrainer(Trainer):
                 "VBLoRATrainer saves single-process and DDP models; this one is sharded (FSDP). "
                 "Call model.save_pretrained(folder) on every rank instead (rank 0 writes)"
             )
+        os.makedirs(output_dir, exist_ok=True)
         model.save_pretrained(output_dir, save_only_topk_weights=False)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
