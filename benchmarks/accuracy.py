@@ -238,11 +238,16 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--set {item!r}: expected FIELD=VALUE with a RunSettings field")
         if str(kinds[field]).startswith("list"):
             parser.error(f"--set {item!r}: {field} is a list; --set takes single values only")
-        cast = float if "float" in str(kinds[field]) else int if "int" in str(kinds[field]) else str
-        try:
-            s = dataclasses.replace(s, **{field: cast(value)})
-        except ValueError:
-            parser.error(f"--set {item!r}: {value!r} is not a valid {cast.__name__}")
+        kind = str(kinds[field])
+        casts = [c for c, name in ((int, "int"), (float, "float")) if name in kind] or [str]
+        for cast in casts:  # int before float: test_size=5000 is a count, test_size=0.2 a fraction
+            try:
+                s = dataclasses.replace(s, **{field: cast(value)})
+                break
+            except ValueError:
+                continue
+        else:
+            parser.error(f"--set {item!r}: {value!r} is not a valid {kind}")
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.time()
