@@ -51,6 +51,31 @@ def stored_adapter_bytes(folder: pathlib.Path, marker: str) -> tuple[int, int]:
     return total, path.stat().st_size
 
 
+COMPACT_TENSORS = ("bank", "topk_indices", "topk_weights")
+
+
+def compact_adapter_bytes(path: pathlib.Path) -> int:
+    """Bytes of a compact file's adapter tensors (bank, packed indices, weights): head and header excluded."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return sum(t.numel() * t.element_size() for t in (f.get_tensor(k) for k in COMPACT_TENSORS))
+
+
+def compact_round_trip(
+    model: nn.Module, s: RunSettings, test: Any, folder: pathlib.Path
+) -> tuple[int, float]:
+    """Save ``model`` as a compact file with an fp16 bank, reload it into a fresh base model and
+    return (its adapter bytes, the reloaded model's held-out accuracy)."""
+    from vblora import load_compact, save_compact
+
+    path = folder / "adapter.vblora"
+    save_compact(model, path, bank_dtype=torch.float16)
+    fresh, _ = T.load_base_model(s.task, s.model or "minilm", label_names=["rotten", "fresh"])
+    reloaded = load_compact(fresh, path)
+    return compact_adapter_bytes(path), T.accuracy(reloaded, test, s.eval_batch_size)
+
+
 def build_vblora(
     base: nn.Module, s: RunSettings
 ) -> tuple[nn.Module, torch.optim.Optimizer, Callable[[pathlib.Path], Any]]:
@@ -134,8 +159,16 @@ def run_method(method: str, param: float, s: RunSettings, args: argparse.Namespa
         f"final training loss {final_loss:.3f}",
         flush=True,
     )
+    compact: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         adapter_bytes, file_bytes = save(pathlib.Path(tmp))
+        if method in VBLORA_TARGETS:
+            size, compact_acc = compact_round_trip(model, s, T.by_length(data.test), pathlib.Path(tmp))
+            compact = {"compact_bytes": size, "compact_accuracy": compact_acc}
+            print(
+                f"{name}: compact file (fp16 bank) {size:,} adapter bytes, "
+                f"reloaded accuracy {compact_acc:.4f}"
+            )
     print(f"{name}: {adapter_bytes:,} stored bytes (head excluded), file {file_bytes:,} bytes")
     return {
         "method": name,
@@ -146,6 +179,7 @@ def run_method(method: str, param: float, s: RunSettings, args: argparse.Namespa
         "train_seconds": round(history.train_seconds, 1),
         "steps": len(history.losses),
         "final_train_loss": round(final_loss, 4),
+        **compact,
     }
 
 
@@ -158,7 +192,10 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         mean = sum(accs) / len(accs)
         std = (sum((a - mean) ** 2 for a in accs) / max(1, len(accs) - 1)) ** 0.5
         time_s = sum(r["train_seconds"] for r in mine) / len(mine)
-        out.append({**mine[0], "accuracy": mean, "std": std, "seeds": len(mine), "train_seconds": time_s})
+        row = {**mine[0], "accuracy": mean, "std": std, "seeds": len(mine), "train_seconds": time_s}
+        if "compact_accuracy" in mine[0]:
+            row["compact_accuracy"] = sum(r["compact_accuracy"] for r in mine) / len(mine)
+        out.append(row)
     return out
 
 
@@ -181,6 +218,18 @@ def table(rows: list[dict[str, Any]]) -> str:
         )
     if best:
         lines.append(f"\nbest LoRA: {best['method']} ({100 * best['accuracy']:.1f}%)")
+    compact = [r for r in rows if "compact_bytes" in r]
+    if compact:  # our compact file: fp16 bank, bit-packed indices, fp16 weights
+        lines += [
+            "",
+            "| VB-LoRA, compact file (fp16 bank) | reloaded accuracy | adapter bytes | vs best LoRA bytes |",
+            "|---|---|---|---|",
+        ]
+        for r in compact:
+            ratio = f"{100 * r['compact_bytes'] / best['stored_bytes']:.1f}%" if best else "-"
+            lines.append(
+                f"| {r['method']} | {100 * r['compact_accuracy']:.1f}% | {r['compact_bytes']:,} | {ratio} |"
+            )
     return "\n".join(lines)
 
 
