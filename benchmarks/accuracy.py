@@ -51,29 +51,31 @@ def stored_adapter_bytes(folder: pathlib.Path, marker: str) -> tuple[int, int]:
     return total, path.stat().st_size
 
 
-COMPACT_TENSORS = ("bank", "topk_indices", "topk_weights")
+COMPACT_TENSORS = ("bank", "bank_scale", "topk_indices", "topk_weights")
+COMPACT_BANKS = {"float16": torch.float16, "int8": torch.int8}
 
 
 def compact_adapter_bytes(path: pathlib.Path) -> int:
-    """Bytes of a compact file's adapter tensors (bank, packed indices, weights): head and header excluded."""
+    """Bytes of a compact file's adapter tensors (bank, scales, indices, weights), head and header not."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        return sum(t.numel() * t.element_size() for t in (f.get_tensor(k) for k in COMPACT_TENSORS))
+        keys = [k for k in f.keys() if k in COMPACT_TENSORS]  # noqa: SIM118 (not a mapping)
+        return sum(t.numel() * t.element_size() for t in (f.get_tensor(k) for k in keys))
 
 
 def compact_round_trip(
-    model: nn.Module, s: RunSettings, test: Any, folder: pathlib.Path
-) -> tuple[int, float]:
-    """Save ``model`` as a compact file with an fp16 bank, reload it into a fresh base model and
-    return (its adapter bytes, the reloaded model's held-out accuracy)."""
+    model: nn.Module, s: RunSettings, test: Any, folder: pathlib.Path, bank: str
+) -> dict[str, Any]:
+    """Save ``model`` as a compact file with the bank in ``bank`` precision, reload it into a fresh
+    base model and return its adapter bytes and the reloaded model's held-out accuracy."""
     from vblora import load_compact, save_compact
 
-    path = folder / "adapter.vblora"
-    save_compact(model, path, bank_dtype=torch.float16)
+    path = folder / f"adapter-{bank}.vblora"
+    save_compact(model, path, bank_dtype=COMPACT_BANKS[bank])
     fresh, _ = T.load_base_model(s.task, s.model or "minilm", label_names=["rotten", "fresh"])
     reloaded = load_compact(fresh, path)
-    return compact_adapter_bytes(path), T.accuracy(reloaded, test, s.eval_batch_size)
+    return {"bytes": compact_adapter_bytes(path), "accuracy": T.accuracy(reloaded, test, s.eval_batch_size)}
 
 
 def build_vblora(
@@ -162,12 +164,12 @@ def run_method(method: str, param: float, s: RunSettings, args: argparse.Namespa
     compact: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         adapter_bytes, file_bytes = save(pathlib.Path(tmp))
-        if method in VBLORA_TARGETS:
-            size, compact_acc = compact_round_trip(model, s, T.by_length(data.test), pathlib.Path(tmp))
-            compact = {"compact_bytes": size, "compact_accuracy": compact_acc}
+        for bank in args.compact_banks if method in VBLORA_TARGETS else []:
+            c = compact_round_trip(model, s, T.by_length(data.test), pathlib.Path(tmp), bank)
+            compact[bank] = c
             print(
-                f"{name}: compact file (fp16 bank) {size:,} adapter bytes, "
-                f"reloaded accuracy {compact_acc:.4f}"
+                f"{name}: compact file ({bank} bank) {c['bytes']:,} bytes, "
+                f"reloaded accuracy {c['accuracy']:.4f}"
             )
     print(f"{name}: {adapter_bytes:,} stored bytes (head excluded), file {file_bytes:,} bytes")
     return {
@@ -179,7 +181,7 @@ def run_method(method: str, param: float, s: RunSettings, args: argparse.Namespa
         "train_seconds": round(history.train_seconds, 1),
         "steps": len(history.losses),
         "final_train_loss": round(final_loss, 4),
-        **compact,
+        "compact": compact,
     }
 
 
@@ -193,8 +195,10 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         std = (sum((a - mean) ** 2 for a in accs) / max(1, len(accs) - 1)) ** 0.5
         time_s = sum(r["train_seconds"] for r in mine) / len(mine)
         row = {**mine[0], "accuracy": mean, "std": std, "seeds": len(mine), "train_seconds": time_s}
-        if "compact_accuracy" in mine[0]:
-            row["compact_accuracy"] = sum(r["compact_accuracy"] for r in mine) / len(mine)
+        row["compact"] = {
+            bank: {**c, "accuracy": sum(r["compact"][bank]["accuracy"] for r in mine) / len(mine)}
+            for bank, c in mine[0].get("compact", {}).items()
+        }
         out.append(row)
     return out
 
@@ -218,17 +222,17 @@ def table(rows: list[dict[str, Any]]) -> str:
         )
     if best:
         lines.append(f"\nbest LoRA: {best['method']} ({100 * best['accuracy']:.1f}%)")
-    compact = [r for r in rows if "compact_bytes" in r]
-    if compact:  # our compact file: fp16 bank, bit-packed indices, fp16 weights
+    compact = [(r, bank, c) for r in rows for bank, c in r.get("compact", {}).items()]
+    if compact:  # our compact file: the bank in fp16 or int8, bit-packed indices, fp16 weights
         lines += [
             "",
-            "| VB-LoRA, compact file (fp16 bank) | reloaded accuracy | adapter bytes | vs best LoRA bytes |",
-            "|---|---|---|---|",
+            "| VB-LoRA as a compact file | bank | reloaded accuracy | adapter bytes | vs best LoRA bytes |",
+            "|---|---|---|---|---|",
         ]
-        for r in compact:
-            ratio = f"{100 * r['compact_bytes'] / best['stored_bytes']:.1f}%" if best else "-"
+        for r, bank, c in compact:
+            ratio = f"{100 * c['bytes'] / best['stored_bytes']:.1f}%" if best else "-"
             lines.append(
-                f"| {r['method']} | {100 * r['compact_accuracy']:.1f}% | {r['compact_bytes']:,} | {ratio} |"
+                f"| {r['method']} | {bank} | {100 * c['accuracy']:.1f}% | {c['bytes']:,} | {ratio} |"
             )
     return "\n".join(lines)
 
@@ -265,6 +269,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-model-dropout", action="store_true", help="turn off the base model's own dropout layers"
     )
+    parser.add_argument(
+        "--compact-banks",
+        type=lambda v: [x for x in v.split(",") if x],
+        default=["float16", "int8"],
+        help="VB-LoRA rows also save a compact file with the bank in each of these precisions "
+        "(float16, int8; comma-separated, '' for none), reload it and report its bytes and accuracy",
+    )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 256 examples, 1 epoch")
     parser.add_argument("--json", type=pathlib.Path, help="also write the rows and the setup as JSON")
@@ -297,6 +308,11 @@ def main(argv: list[str] | None = None) -> int:
                 continue
         else:
             parser.error(f"--set {item!r}: {value!r} is not a valid {kind}")
+    unknown = [b for b in args.compact_banks if b not in COMPACT_BANKS]
+    if unknown:
+        parser.error(
+            f"--compact-banks: unknown precision {unknown[0]!r}; choose from {', '.join(COMPACT_BANKS)}"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.time()

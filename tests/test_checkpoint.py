@@ -354,7 +354,8 @@ def _header(path: Path) -> tuple[int, dict]:
 
 
 @pytest.mark.parametrize(
-    ("bank_dtype", "tol"), [(torch.float32, 1e-3), (torch.float16, 1e-2), (torch.bfloat16, 3e-2)]
+    ("bank_dtype", "tol"),
+    [(torch.float32, 1e-3), (torch.float16, 1e-2), (torch.bfloat16, 3e-2), (torch.int8, 3e-2)],
 )
 def test_compact_roundtrip(bases, tmp_path, bank_dtype, tol):
     ours = _ours(bases["llama"], "llama")
@@ -375,8 +376,23 @@ def test_compact_roundtrip(bases, tmp_path, bank_dtype, tol):
     assert header["topk_indices"]["shape"] == [math.ceil(bank.num_subvectors * K * 4 / 8)]  # 4 bits for h=12
     assert (
         header["bank"]["dtype"]
-        == {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}[bank_dtype]
+        == {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8"}[bank_dtype]
     )
+    assert ("bank_scale" in header) == (bank_dtype == torch.int8)
+
+
+def test_int8_bank_matches_a_plain_loop_quantiser(tmp_path):
+    bank = torch.randn(5, 8)
+    bank[2] = 0.0  # an all-zero vector keeps scale 0 and stays zero
+    stored = ck._stored_bank(bank, torch.int8)
+    for i in range(5):
+        scale = max(abs(v) for v in bank[i].tolist()) / 127
+        assert stored["bank_scale"][i].item() == pytest.approx(scale)
+        for j in range(8):
+            expected = 0 if scale == 0 else max(-127, min(127, round(bank[i, j].item() / scale)))
+            assert stored["bank"][i, j].item() == expected
+    restored = stored["bank"].float() * stored["bank_scale"][:, None]
+    assert (restored - bank).abs().max() <= stored["bank_scale"].max() / 2 + 1e-7
 
 
 def test_compact_header_does_not_dominate_tiny_files(tmp_path):
@@ -632,6 +648,27 @@ COMPACT_CORRUPTIONS = {
     "format": (
         lambda p: _rewrite_compact(p, lambda t, m: m.pop("vblora_format")),
         "not a compact VB-LoRA file",
+    ),
+    "int8_without_scale": (
+        lambda p: _rewrite_compact(p, lambda t, m: t.update(bank=t["bank"].to(torch.int8))),
+        "bank_scale: missing",
+    ),
+    "scale_with_float_bank": (
+        lambda p: _rewrite_compact(p, lambda t, m: t.update(bank_scale=torch.ones(12))),
+        "bank_scale: present, but the bank is not int8",
+    ),
+    "scale_shape": (
+        lambda p: _rewrite_compact(
+            p, lambda t, m: t.update(bank=t["bank"].to(torch.int8), bank_scale=torch.ones(11))
+        ),
+        "bank_scale: shape (11,)",
+    ),
+    "scale_nan": (
+        lambda p: _rewrite_compact(
+            p,
+            lambda t, m: t.update(bank=t["bank"].to(torch.int8), bank_scale=torch.full((12,), float("nan"))),
+        ),
+        "bank_scale: negative, NaN or inf",
     ),
 }
 

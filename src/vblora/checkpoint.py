@@ -49,6 +49,7 @@ PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."  # PEFT's prefix for every per-module key
 BANK_KEY = "base_model.vblora_vector_bank"
 COMPACT_FORMAT = "vblora-compact/1"
+COMPACT_BANK_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
 # Key suffix -> (factor, kind) of PEFT's per-module VB-LoRA tensors.
 _LOGIT_KEYS = {
     f".vblora_logits_{factor}{suffix}": (factor, kind)
@@ -765,19 +766,20 @@ def save_compact(
 ) -> None:
     """Write one adapter as a compact ``.vblora`` file (inference only, like a top-k directory).
 
-    Stored: the bank in ``bank_dtype`` (fp32, or fp16/bf16 for about half the size at a small
-    error, see ``benchmarks/RESULTS.md``), per sub-vector k indices bit-packed to ceil(log2 h) bits
-    and k-1 fp16 weights, ``modules_to_save`` copies and trained biases, and the config and the
-    module layout ``[[path, in, out], ...]`` once as JSON in the header.
+    Stored: the bank in ``bank_dtype`` (fp32; fp16/bf16 for about half the size; int8 with one fp32
+    scale per bank vector, ``bank_scale``, for about a quarter; the errors are in
+    ``benchmarks/RESULTS.md``), per sub-vector k indices bit-packed to ceil(log2 h) bits and k-1
+    fp16 weights, ``modules_to_save`` copies and trained biases, and the config and the module
+    layout ``[[path, in, out], ...]`` once as JSON in the header.
     """
-    if bank_dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"bank_dtype must be torch.float32, float16 or bfloat16, got {bank_dtype}")
+    if bank_dtype not in COMPACT_BANK_DTYPES:
+        raise ValueError(f"bank_dtype must be torch.float32, float16, bfloat16 or int8, got {bank_dtype}")
     _adapter_names(model, adapter_name)
     bank = model.vblora_banks[adapter_name]
     indices, weights = VF.topk_compress(bank.logits.detach(), bank.topk)  # (P, k) each
     bits = _index_bits(bank.num_vectors)
     tensors = {
-        "bank": bank.bank.detach().to(bank_dtype),
+        **_stored_bank(bank.bank.detach(), bank_dtype),
         "topk_indices": pack_bits(indices, bits),
         "topk_weights": weights[:, :-1].half(),  # the k-th weight is 1 - sum of the others
         **_aux_tensors(model, adapter_name),
@@ -790,6 +792,41 @@ def save_compact(
         "index_bits": str(bits),
     }
     _atomic_write({Path(path): _safetensors_bytes(tensors, metadata)})
+
+
+def _stored_bank(bank: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
+    """The compact file's bank tensors: ``bank`` in ``dtype``; for int8 also ``bank_scale`` (h,),
+    each vector quantised symmetrically to [-127, 127] by its own absolute maximum."""
+    if dtype != torch.int8:
+        return {"bank": bank.to(dtype)}
+    bank = bank.float()
+    scale = bank.abs().amax(dim=1) / 127.0
+    q = bank / scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None]  # an all-zero vector stays 0
+    return {"bank": q.round().clamp(-127, 127).to(torch.int8), "bank_scale": scale}
+
+
+def _compact_bank(plan: _Plan, tensors: dict[str, Tensor]) -> Tensor | None:
+    """The bank of a compact file, dequantised when stored as int8; None after recording a problem.
+
+    A bank of the wrong shape is returned as is, for ``_check_bank`` to report.
+    """
+    bank, scale = tensors.pop("bank", None), tensors.pop("bank_scale", None)
+    if bank is None or bank.dtype != torch.int8:
+        if scale is not None:
+            plan.problems.append("bank_scale: present, but the bank is not int8; the file is corrupt")
+        return bank
+    h = plan.config.num_vectors
+    if scale is None:
+        plan.problems.append("bank_scale: missing (an int8 bank needs one scale per vector)")
+    elif tuple(scale.shape) != (h,) or not scale.is_floating_point():
+        plan.problems.append(f"bank_scale: shape {tuple(scale.shape)} {scale.dtype}, expected ({h},) float")
+    elif not torch.isfinite(scale).all() or (scale < 0).any():
+        plan.problems.append("bank_scale: negative, NaN or inf scales; the file is corrupt")
+    elif tuple(bank.shape) != (h, plan.config.vector_length):
+        return bank
+    else:
+        return bank.float() * scale.float()[:, None]
+    return None
 
 
 def _stored_layout(plan: _Plan, text: str | None) -> dict[str, Slot]:
@@ -849,7 +886,10 @@ def _plan_compact(
     config = _config_from_json(metadata.get("config", ""), "header 'config'")
     plan = _plan_targets(root, config, name, existing)
     tensors = dict(tensors)
-    _check_bank(plan, tensors.pop("bank", None))
+    bank_problems = len(plan.problems)
+    bank = _compact_bank(plan, tensors)
+    if len(plan.problems) == bank_problems:
+        _check_bank(plan, bank)
     stored = _stored_layout(plan, metadata.get("layout"))
     try:
         bits = int(metadata.get("index_bits", ""))
