@@ -1,7 +1,7 @@
 """Bytes on disk of every checkpoint format, for three adapter shapes; prints a Markdown table.
 
 Formats: our full-logits directory, PEFT's top-k directory (written by ``peft``), our top-k
-directory, the compact file with an fp32 / fp16 / bf16 bank, and the exact LoRA export. The error
+directory, the compact file with an fp32 / fp16 / bf16 / int8 bank, and the exact LoRA export. The error
 column is the relative (Frobenius) error of all composed A and B factors read back from the file,
 against the top-k directory's (which is exact).
 
@@ -118,7 +118,13 @@ def measure(
         "top-k directory (peft)": (folder_bytes(work / "peft"), None),
         "top-k directory (ours)": (folder_bytes(work / "topk"), 0.0),
     }
-    for label, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
+    dtypes = (
+        ("fp32", torch.float32),
+        ("fp16", torch.float16),
+        ("bf16", torch.bfloat16),
+        ("int8", torch.int8),
+    )
+    for label, dtype in dtypes:
         path = work / f"{label}.vblora"
         save_compact(ours, path, bank_dtype=dtype)
         loaded = load_compact(factory(), path).vblora_banks["default"]
