@@ -805,28 +805,28 @@ def _stored_bank(bank: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
     return {"bank": q.round().clamp(-127, 127).to(torch.int8), "bank_scale": scale}
 
 
-def _compact_bank(plan: _Plan, tensors: dict[str, Tensor]) -> Tensor | None:
-    """The bank of a compact file, dequantised when stored as int8; None after recording a problem.
-
-    A bank of the wrong shape is returned as is, for ``_check_bank`` to report.
-    """
+def _check_compact_bank(plan: _Plan, tensors: dict[str, Tensor]) -> None:
+    """``_check_bank`` for a compact file's bank, dequantised first when it is stored as int8."""
     bank, scale = tensors.pop("bank", None), tensors.pop("bank_scale", None)
+    h = plan.config.num_vectors
+    problem = None
     if bank is None or bank.dtype != torch.int8:
         if scale is not None:
-            plan.problems.append("bank_scale: present, but the bank is not int8; the file is corrupt")
-        return bank
-    h = plan.config.num_vectors
-    if scale is None:
-        plan.problems.append("bank_scale: missing (an int8 bank needs one scale per vector)")
+            problem = "bank_scale: present, but the bank is not int8; the file is corrupt"
+    elif scale is None:
+        problem = "bank_scale: missing (an int8 bank needs one scale per vector)"
     elif tuple(scale.shape) != (h,) or not scale.is_floating_point():
-        plan.problems.append(f"bank_scale: shape {tuple(scale.shape)} {scale.dtype}, expected ({h},) float")
+        problem = f"bank_scale: shape {tuple(scale.shape)} {scale.dtype}, expected ({h},) float"
     elif not torch.isfinite(scale).all() or (scale < 0).any():
-        plan.problems.append("bank_scale: negative, NaN or inf scales; the file is corrupt")
-    elif tuple(bank.shape) != (h, plan.config.vector_length):
-        return bank
+        problem = "bank_scale: negative, NaN or inf scales; the file is corrupt"
+    elif bank.dim() == 2 and bank.shape[0] == h:
+        bank = bank.float() * scale.float()[:, None]
+    else:  # the wrong shape: _check_bank reports it
+        bank = bank.float()
+    if problem:
+        plan.problems.append(problem)
     else:
-        return bank.float() * scale.float()[:, None]
-    return None
+        _check_bank(plan, bank)
 
 
 def _stored_layout(plan: _Plan, text: str | None) -> dict[str, Slot]:
@@ -886,10 +886,7 @@ def _plan_compact(
     config = _config_from_json(metadata.get("config", ""), "header 'config'")
     plan = _plan_targets(root, config, name, existing)
     tensors = dict(tensors)
-    bank_problems = len(plan.problems)
-    bank = _compact_bank(plan, tensors)
-    if len(plan.problems) == bank_problems:
-        _check_bank(plan, bank)
+    _check_compact_bank(plan, tensors)
     stored = _stored_layout(plan, metadata.get("layout"))
     try:
         bits = int(metadata.get("index_bits", ""))
