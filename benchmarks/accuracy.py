@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from vblora import train as T
+from vblora.checkpoint import COMPACT_BANK_DTYPES
 from vblora.runs import cpu_model, environment
 from vblora.train import RunSettings
 
@@ -58,7 +59,6 @@ def stored_adapter_bytes(folder: pathlib.Path, marker: str) -> tuple[int, int]:
 
 
 COMPACT_TENSORS = ("bank", "bank_scale", "topk_indices", "topk_weights")
-COMPACT_BANKS = {"float16": torch.float16, "int8": torch.int8}
 
 
 def compact_adapter_bytes(path: pathlib.Path) -> int:
@@ -78,7 +78,7 @@ def compact_round_trip(
     from vblora import load_compact, save_compact
 
     path = folder / f"adapter-{bank}.vblora"
-    save_compact(model, path, bank_dtype=COMPACT_BANKS[bank])
+    save_compact(model, path, bank_dtype=COMPACT_BANK_DTYPES[bank])
     fresh, _ = T.load_base_model(s.task, s.model or "minilm", label_names=["rotten", "fresh"])
     reloaded = load_compact(fresh, path)
     return {"bytes": compact_adapter_bytes(path), "accuracy": T.accuracy(reloaded, test, s.eval_batch_size)}
@@ -286,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         type=lambda v: [x for x in v.split(",") if x],
         default=["float16", "int8"],
         help="VB-LoRA rows also save a compact file with the bank in each of these precisions "
-        "(float16, int8; comma-separated, '' for none), reload it and report its bytes and accuracy",
+        "(float32, float16, bfloat16, int8; comma-separated, '' for none), reload it and report its "
+        "bytes and accuracy",
     )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 256 examples, 1 epoch")
@@ -321,10 +322,10 @@ def main(argv: list[str] | None = None) -> int:
                 continue
         else:
             parser.error(f"--set {item!r}: {value!r} is not a valid {kind}")
-    unknown = [b for b in args.compact_banks if b not in COMPACT_BANKS]
+    unknown = [b for b in args.compact_banks if b not in COMPACT_BANK_DTYPES]
     if unknown:
         parser.error(
-            f"--compact-banks: unknown precision {unknown[0]!r}; choose from {', '.join(COMPACT_BANKS)}"
+            f"--compact-banks: unknown precision {unknown[0]!r}; choose from {', '.join(COMPACT_BANK_DTYPES)}"
         )
     if args.threads:
         torch.set_num_threads(args.threads)

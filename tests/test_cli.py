@@ -183,6 +183,32 @@ def test_eval_reproduces_the_recorded_metric(trained: Path) -> None:
     assert code == 0 and "accuracy" in out
 
 
+def test_train_compact_writes_a_file_that_eval_reloads(assets: Path, trained: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    from vblora import load_compact
+
+    output = tmp_path / "compact-run"
+    code, out, err = run(*bert_args(assets, output, "--compact", "int8"))
+    assert code == 0, err
+    m, path = metrics_of(output), output / "adapter.vblora"
+    assert m["compact_bytes"] == path.stat().st_size and m["settings"]["compact"] == "int8"
+    assert f"compact file: {path.stat().st_size:,} bytes" in out
+    assert metrics_of(trained)["compact_bytes"] is None  # not asked for: no file
+    assert not (trained / "adapter.vblora").exists()
+    base = AutoModelForSequenceClassification.from_pretrained(assets / "bert", num_labels=2)
+    with torch.no_grad():
+        served = load_compact(base, path)(**bert_inputs()).logits
+    exact = vblora_logits(assets, output)
+    assert ((served - exact).norm() / exact.norm()).item() <= 1e-2  # the int8 bank's rounding only
+    code, out, err = run("eval", output, "--from-compact", "--json", "--quiet")
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert abs(result["value"] - m["after"]) <= 0.1 + 1e-9  # at most one of the 10 sentences differs
+    code, _, err = run("eval", trained, "--from-compact", "--quiet")  # a run without the file
+    assert code == 2 and "adapter.vblora: no such file; write it with `vblora train --compact" in err
+
+
 def test_causal_lm_run_generates_and_eval_reproduces_loss(assets: Path, tmp_path: Path) -> None:
     output = tmp_path / "lm"
     args = ["train", "--task", "causal-lm", "--model", assets / "llama", "--data", assets / "qa.jsonl"]

@@ -49,7 +49,12 @@ PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."  # PEFT's prefix for every per-module key
 BANK_KEY = "base_model.vblora_vector_bank"
 COMPACT_FORMAT = "vblora-compact/1"
-COMPACT_BANK_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
+COMPACT_BANK_DTYPES = {  # save_compact's bank precisions, by name
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int8": torch.int8,
+}
 # Key suffix -> (factor, kind) of PEFT's per-module VB-LoRA tensors.
 _LOGIT_KEYS = {
     f".vblora_logits_{factor}{suffix}": (factor, kind)
@@ -772,7 +777,7 @@ def save_compact(
     fp16 weights, ``modules_to_save`` copies and trained biases, and the config and the module
     layout ``[[path, in, out], ...]`` once as JSON in the header.
     """
-    if bank_dtype not in COMPACT_BANK_DTYPES:
+    if bank_dtype not in COMPACT_BANK_DTYPES.values():
         raise ValueError(f"bank_dtype must be torch.float32, float16, bfloat16 or int8, got {bank_dtype}")
     _adapter_names(model, adapter_name)
     bank = model.vblora_banks[adapter_name]

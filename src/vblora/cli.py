@@ -20,7 +20,8 @@ from typing import Any
 from . import data as D
 from . import runs as R
 from . import train as T
-from .runs import ADAPTER_DIR, METRICS_NAME
+from .checkpoint import COMPACT_BANK_DTYPES, save_compact
+from .runs import ADAPTER_DIR, COMPACT_NAME, METRICS_NAME
 from .train import CAUSAL_LM, SEQ_CLS, RunError, RunSettings
 
 EXIT_BAD_INPUT = 2
@@ -165,6 +166,14 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         "save the full logits (resumable) instead of top-k (inference only)",
         action="store_true",
     )
+    _add(
+        g,
+        "--compact",
+        f"also write {COMPACT_NAME}, one compact file for serving (bit-packed indices, fp16 weights, "
+        "the bank in this precision; int8 is about a third of the top-k adapter's VB-LoRA bytes)",
+        "none",
+        choices=list(COMPACT_BANK_DTYPES),
+    )
     g = p.add_argument_group("optimisation (AdamW, linear warm-up then linear decay)")
     _add(g, "--epochs", "passes over the training set", type=int)
     _add(g, "--max-steps", "stop after this many optimizer steps", type=int)
@@ -216,6 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_adapter_argument(p)
     _add_data_options(p, default="the run's")
     p.add_argument("--batch-size", type=int, help="evaluation batch size (default: the run's)")
+    p.add_argument(
+        "--from-compact",
+        action="store_true",
+        help=f"evaluate the run's {COMPACT_NAME} (from `vblora train --compact`) instead of adapter/",
+    )
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
@@ -287,6 +301,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         evaluate = T.evaluator(model, task_data.test, s, progress)
         history = T.train_steps(model, optimizer, task_data.train, s, evaluate, metric, progress)
         model.save_pretrained(tmp / ADAPTER_DIR, save_only_topk_weights=not s.save_full_logits)
+        if s.compact:
+            save_compact(model, tmp / COMPACT_NAME, bank_dtype=COMPACT_BANK_DTYPES[s.compact])
         if generations is not None:
             _generate_after(model, tokenizer, task_data, s, generations, tmp)
         metrics = R.train_metrics(s, history, model, tmp / ADAPTER_DIR, time.perf_counter() - started)
@@ -353,7 +369,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         s = dataclasses.replace(s, eval_batch_size=args.batch_size)
     s.check()
     examples, label_names = T.load_examples(s)  # a file is read with the run's label names
-    model, tokenizer = R.load_saved_model(run)
+    model, tokenizer = R.load_saved_model(run, compact=args.from_compact)
     task_data = T.prepare_data(s, tokenizer, examples, label_names)
     value = T.evaluator(model, task_data.test, s, not args.quiet)()
     metric = T.metric_name(s.task)

@@ -24,6 +24,7 @@ from .train import CAUSAL_LM, SEQ_CLS, RunError, RunSettings
 
 METRICS_NAME = "metrics.json"
 ADAPTER_DIR = "adapter"
+COMPACT_NAME = "adapter.vblora"  # written next to adapter/ by `vblora train --compact`
 
 
 # =========================================================================== output folders
@@ -109,6 +110,7 @@ def train_metrics(
         "total_params": total,
         "savable_params": {"vblora": vblora, "other": other},
         "adapter_bytes": adapter_bytes(adapter),
+        "compact_bytes": (adapter.parent / COMPACT_NAME).stat().st_size if s.compact else None,
         "settings": dataclasses.asdict(s),
         "environment": environment(),
     }
@@ -180,6 +182,10 @@ def print_summary(m: dict[str, Any], output: pathlib.Path) -> None:
         f"saved {kind} adapter: {b['file']:,} bytes in adapter_model.safetensors "
         f"({b['vblora_tensors']:,} VB-LoRA tensor bytes + {b['other_tensors']:,} head)"
     )
+    if m.get("compact_bytes"):
+        print(
+            f"compact file: {m['compact_bytes']:,} bytes in {COMPACT_NAME} ({m['settings']['compact']} bank)"
+        )
     names = sorted(p.name + ("/" if p.is_dir() else "") for p in output.iterdir())
     print(f"wrote {output}/: {', '.join(names)}")
 
@@ -237,16 +243,21 @@ def _settings_from_adapter(config_file: pathlib.Path) -> RunSettings:
     return RunSettings(task=task, model=config.get("base_model_name_or_path"))
 
 
-def load_saved_model(run: SavedRun) -> tuple[Any, Any]:
-    """The base model named by the run with its saved adapter loaded (inference mode)."""
+def load_saved_model(run: SavedRun, compact: bool = False) -> tuple[Any, Any]:
+    """The base model named by the run with its saved adapter loaded (inference mode): the adapter
+    folder, or with ``compact`` the run's compact file."""
+    from .checkpoint import load_compact
     from .model import VBLoRAModel
 
+    path = run.adapter.parent / COMPACT_NAME if compact else run.adapter
+    if compact and not path.is_file():
+        raise RunError(f"{path}: no such file; write it with `vblora train --compact int8` (or float16)")
     quiet_transformers()
     s = run.settings
     assert s.model is not None
     base, tokenizer = T.load_base_model(s.task, s.model, label_names=s.labels or ["0", "1"])
     try:
-        model = VBLoRAModel.from_pretrained(base, run.adapter)
+        model = load_compact(base, path) if compact else VBLoRAModel.from_pretrained(base, path)
     except (ValueError, TypeError) as err:
-        raise RunError(f"{run.adapter}: {str(err).splitlines()[0]}") from None
+        raise RunError(f"{path}: {str(err).splitlines()[0]}") from None
     return model, tokenizer

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import data as D
+from .checkpoint import COMPACT_BANK_DTYPES
 from .config import VBLoRAConfig
 from .model import VBLoRAModel
 from .optim import optimizer_param_groups
@@ -113,6 +114,7 @@ class RunSettings:
     target_modules: str | list[str] | None = None
     modules_to_save: list[str] | None = None
     save_full_logits: bool = False
+    compact: str | None = None  # also write adapter.vblora with the bank in this precision (a name)
     # optimisation
     epochs: int | None = None
     batch_size: int | None = None
@@ -183,6 +185,8 @@ class RunSettings:
                 raise RunError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise RunError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.compact is not None and self.compact not in COMPACT_BANK_DTYPES:
+            raise RunError(f"--compact must be one of {', '.join(COMPACT_BANK_DTYPES)}, got {self.compact!r}")
 
 
 # --------------------------------------------------------------------------- data
