@@ -35,7 +35,12 @@ def test_settings_resolve_task_and_data_defaults() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value", "message"),
-    [("epochs", 0, "--epochs"), ("batch_size", 0, "--batch-size"), ("warmup_ratio", 1.0, "--warmup-ratio")],
+    [
+        ("epochs", 0, "--epochs"),
+        ("batch_size", 0, "--batch-size"),
+        ("warmup_ratio", 1.0, "--warmup-ratio"),
+        ("compact", "int4", "--compact must be one of float32, float16, bfloat16, int8"),
+    ],
 )
 def test_settings_check_rejects_unusable_values(field: str, value: object, message: str) -> None:
     s = RunSettings(**{field: value}).resolved()
