@@ -207,6 +207,17 @@ def test_train_compact_writes_a_file_that_eval_reloads(assets: Path, trained: Pa
     assert abs(result["value"] - m["after"]) <= 0.1 + 1e-9  # at most one of the 10 sentences differs
     code, _, err = run("eval", trained, "--from-compact", "--quiet")  # a run without the file
     assert code == 2 and "adapter.vblora: no such file; write it with `vblora train --compact" in err
+    # inspect reads the compact file alone: the same modules and the same bank-vector selection
+    code, from_file, err = run("inspect", path, "--modules")
+    assert code == 0, err
+    _, from_dir, _ = run("inspect", output, "--modules")
+    assert "int8 bank" in from_file and f"adapter.vblora: {path.stat().st_size:,} bytes" in from_file
+    assert from_file.split("modules:")[1] != from_dir.split("modules:")[1]  # the byte lines differ
+    for part in ("modules:", "bank-vector selection"):
+        assert from_file.split(part)[1].split("\n\n")[0] == from_dir.split(part)[1].split("\n\n")[0]
+    (tmp_path / "junk.vblora").write_bytes(b"not safetensors")
+    code, _, err = run("inspect", tmp_path / "junk.vblora")
+    assert code == 2 and "junk.vblora: unreadable" in err
 
 
 def test_causal_lm_run_generates_and_eval_reproduces_loss(assets: Path, tmp_path: Path) -> None:

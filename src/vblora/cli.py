@@ -260,7 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print an adapter's config, per-module sub-vector counts, trainable vs stored parameters "
         "and bytes, and how often each bank vector is selected. Reads the files only.",
     )
-    p.add_argument("run", type=pathlib.Path, help="a folder written by `vblora train`, or an adapter folder")
+    p.add_argument(
+        "run",
+        type=pathlib.Path,
+        help="a folder written by `vblora train`, an adapter folder, or a compact .vblora file",
+    )
     p.add_argument(
         "--plot", type=pathlib.Path, metavar="PNG", help="also write the selection histogram as a PNG"
     )
@@ -410,11 +414,11 @@ def cmd_export_lora(args: argparse.Namespace) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from .inspection import describe, plot_selection, read_adapter
+    from .inspection import describe, plot_selection, read_adapter, read_compact
 
     path = args.run
     adapter = path / ADAPTER_DIR if (path / ADAPTER_DIR / "adapter_config.json").is_file() else path
-    summary = read_adapter(adapter)
+    summary = read_compact(path) if path.is_file() else read_adapter(adapter)
     print(describe(summary, all_modules=args.modules))
     if args.plot:
         args.plot.parent.mkdir(parents=True, exist_ok=True)

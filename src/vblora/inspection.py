@@ -1,4 +1,4 @@
-"""What is inside a saved adapter directory, read from its files alone (no base model needed).
+"""What is inside a saved adapter (directory or compact file), read from its files alone (no base model).
 
 Used by ``vblora inspect``: the config, how many sub-vectors each module has, trainable versus
 stored parameters and bytes, and how often each bank vector is selected by the top-k.
@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .checkpoint import CONFIG_NAME, PREFIX, WEIGHTS_NAME
+from .checkpoint import COMPACT_FORMAT, CONFIG_NAME, PREFIX, WEIGHTS_NAME, unpack_bits
 from .config import VBLoRAConfig
 from .data import DataError
 
 STORED_AS = {True: "top-k indices and weights (inference only)", False: "full logits (trainable)"}
+COMPACT_STORED_AS = "compact file: bit-packed top-k indices, fp16 weights, {} bank (inference only)"
+COMPACT_VBLORA = ("bank", "bank_scale", "topk_indices", "topk_weights")
 _FACTORS = {"A": ".vblora_logits_A", "B": ".vblora_logits_B"}
 
 
@@ -34,6 +36,10 @@ class AdapterSummary:
     file_bytes: int
     selection: torch.Tensor  # (h,) how many sub-vector slots select each bank vector
     topk_only: bool = field(default=False)
+    stored_as: str = ""  # what the file holds, for the report
+
+    def __post_init__(self) -> None:
+        self.stored_as = self.stored_as or STORED_AS[self.topk_only]
 
     @property
     def num_subvectors(self) -> int:
@@ -88,6 +94,48 @@ def read_adapter(folder: pathlib.Path) -> AdapterSummary:
     )
 
 
+def read_compact(path: pathlib.Path) -> AdapterSummary:
+    """Read a compact ``.vblora`` file (``save_compact``): config and layout from its header.
+
+    Raises:
+        DataError: the file is missing, unreadable, or not a well-formed compact VB-LoRA file.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise DataError(f"{path}: no such file; pass a .vblora file, an adapter folder or a run folder")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (not a mapping)
+    except (SafetensorError, OSError) as err:
+        raise DataError(f"{path}: unreadable ({err})") from None
+    if meta.get("vblora_format") != COMPACT_FORMAT:
+        raise DataError(f"{path}: not a compact VB-LoRA file (no vblora_format={COMPACT_FORMAT!r} header)")
+    try:
+        config = VBLoRAConfig.from_dict(json.loads(meta["config"]))
+        layout = [(str(p), int(i), int(o)) for p, i, o in json.loads(meta["layout"])]
+        b, r, k = config.vector_length, config.r, config.topk
+        counts = {p: {"A": r * (i // b), "B": (o // b) * r} for p, i, o in layout}
+        total = sum(c["A"] + c["B"] for c in counts.values())
+        chosen = unpack_bits(tensors["topk_indices"], int(meta["index_bits"]), total * k).long()
+        bank = tensors["bank"]
+    except (KeyError, ValueError, TypeError, RuntimeError) as err:
+        raise DataError(f"{path}: a corrupt compact file ({type(err).__name__}: {err})") from None
+    return AdapterSummary(
+        path=path,
+        config=config,
+        subvectors=counts,
+        bank_shape=(bank.shape[0], bank.shape[1]),
+        stored_vblora=_size([t for key, t in tensors.items() if key in COMPACT_VBLORA]),
+        stored_other=_size([t for key, t in tensors.items() if key not in COMPACT_VBLORA]),
+        file_bytes=path.stat().st_size,
+        selection=torch.bincount(chosen, minlength=bank.shape[0]),
+        topk_only=True,
+        stored_as=COMPACT_STORED_AS.format(str(bank.dtype).removeprefix("torch.")),
+    )
+
+
 def _subvectors(
     tensors: dict[str, torch.Tensor], k: int
 ) -> tuple[dict[str, dict[str, int]], list[torch.Tensor]]:
@@ -129,7 +177,7 @@ def describe(s: AdapterSummary, all_modules: bool = False, shown: int = 12) -> s
         f"dropout={c.vblora_dropout} task_type={c.task_type}",
         f"  target_modules={targets} modules_to_save={list(c.modules_to_save or [])} bias={c.bias}",
         f"  base_model={c.base_model_name_or_path}",
-        f"  stored as: {STORED_AS[s.topk_only]}",
+        f"  stored as: {s.stored_as}",
         "",
         f"modules: {len(s.subvectors)}, sub-vectors: {s.num_subvectors:,} (A + B; {b} values each)",
         f"  {'module':<60} {'A':>6} {'B':>6}",
@@ -147,7 +195,7 @@ def describe(s: AdapterSummary, all_modules: bool = False, shown: int = 12) -> s
         f"  stored VB-LoRA tensors: {s.stored_vblora[0]:,} elements, {s.stored_vblora[1]:,} bytes",
         f"  stored other tensors (modules_to_save, biases): {s.stored_other[0]:,} elements, "
         f"{s.stored_other[1]:,} bytes",
-        f"  adapter_model.safetensors: {s.file_bytes:,} bytes",
+        f"  {s.path.name if s.path.is_file() else WEIGHTS_NAME}: {s.file_bytes:,} bytes",
         "",
     ]
     return "\n".join(lines + selection_report(s.selection, c.topk))
