@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from vblora import train as T
-from vblora.checkpoint import COMPACT_BANK_DTYPES
+from vblora.checkpoint import COMPACT_ADAPTER_TENSORS, COMPACT_BANK_DTYPES
 from vblora.runs import cpu_model, environment
 from vblora.train import RunSettings
 
@@ -58,15 +58,12 @@ def stored_adapter_bytes(folder: pathlib.Path, marker: str) -> tuple[int, int]:
     return total, path.stat().st_size
 
 
-COMPACT_TENSORS = ("bank", "bank_scale", "topk_indices", "topk_weights")
-
-
 def compact_adapter_bytes(path: pathlib.Path) -> int:
     """Bytes of a compact file's adapter tensors (bank, scales, indices, weights), head and header not."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        keys = [k for k in f.keys() if k in COMPACT_TENSORS]  # noqa: SIM118 (not a mapping)
+        keys = [k for k in f.keys() if k in COMPACT_ADAPTER_TENSORS]  # noqa: SIM118 (not a mapping)
         return sum(t.numel() * t.element_size() for t in (f.get_tensor(k) for k in keys))
 
 

@@ -49,6 +49,7 @@ PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."  # PEFT's prefix for every per-module key
 BANK_KEY = "base_model.vblora_vector_bank"
 COMPACT_FORMAT = "vblora-compact/1"
+COMPACT_ADAPTER_TENSORS = ("bank", "bank_scale", "topk_indices", "topk_weights")  # the rest: head, biases
 COMPACT_BANK_DTYPES = {  # save_compact's bank precisions, by name
     "float32": torch.float32,
     "float16": torch.float16,

@@ -13,13 +13,20 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .checkpoint import COMPACT_FORMAT, CONFIG_NAME, PREFIX, WEIGHTS_NAME, unpack_bits
+from .bank import build_layout
+from .checkpoint import (
+    COMPACT_ADAPTER_TENSORS,
+    COMPACT_FORMAT,
+    CONFIG_NAME,
+    PREFIX,
+    WEIGHTS_NAME,
+    unpack_bits,
+)
 from .config import VBLoRAConfig
 from .data import DataError
 
 STORED_AS = {True: "top-k indices and weights (inference only)", False: "full logits (trainable)"}
 COMPACT_STORED_AS = "compact file: bit-packed top-k indices, fp16 weights, {} bank (inference only)"
-COMPACT_VBLORA = ("bank", "bank_scale", "topk_indices", "topk_weights")
 _FACTORS = {"A": ".vblora_logits_A", "B": ".vblora_logits_B"}
 
 
@@ -114,11 +121,11 @@ def read_compact(path: pathlib.Path) -> AdapterSummary:
         raise DataError(f"{path}: not a compact VB-LoRA file (no vblora_format={COMPACT_FORMAT!r} header)")
     try:
         config = VBLoRAConfig.from_dict(json.loads(meta["config"]))
-        layout = [(str(p), int(i), int(o)) for p, i, o in json.loads(meta["layout"])]
-        b, r, k = config.vector_length, config.r, config.topk
-        counts = {p: {"A": r * (i // b), "B": (o // b) * r} for p, i, o in layout}
+        shapes = [(str(p), int(i), int(o)) for p, i, o in json.loads(meta["layout"])]
+        layout = build_layout(shapes, config.r, config.vector_length)
+        counts = {p: {"A": slot.a_rows, "B": slot.b_rows} for p, slot in layout.items()}
         total = sum(c["A"] + c["B"] for c in counts.values())
-        chosen = unpack_bits(tensors["topk_indices"], int(meta["index_bits"]), total * k).long()
+        chosen = unpack_bits(tensors["topk_indices"], int(meta["index_bits"]), total * config.topk).long()
         bank = tensors["bank"]
     except (KeyError, ValueError, TypeError, RuntimeError) as err:
         raise DataError(f"{path}: a corrupt compact file ({type(err).__name__}: {err})") from None
@@ -127,8 +134,8 @@ def read_compact(path: pathlib.Path) -> AdapterSummary:
         config=config,
         subvectors=counts,
         bank_shape=(bank.shape[0], bank.shape[1]),
-        stored_vblora=_size([t for key, t in tensors.items() if key in COMPACT_VBLORA]),
-        stored_other=_size([t for key, t in tensors.items() if key not in COMPACT_VBLORA]),
+        stored_vblora=_size([t for key, t in tensors.items() if key in COMPACT_ADAPTER_TENSORS]),
+        stored_other=_size([t for key, t in tensors.items() if key not in COMPACT_ADAPTER_TENSORS]),
         file_bytes=path.stat().st_size,
         selection=torch.bincount(chosen, minlength=bank.shape[0]),
         topk_only=True,
