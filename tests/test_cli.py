@@ -207,6 +207,21 @@ def test_train_compact_writes_a_file_that_eval_reloads(assets: Path, trained: Pa
     assert abs(result["value"] - m["after"]) <= 0.1 + 1e-9  # at most one of the 10 sentences differs
     code, _, err = run("eval", trained, "--from-compact", "--quiet")  # a run without the file
     assert code == 2 and "adapter.vblora: no such file; write it with `vblora train --compact" in err
+    # merge and export-lora from the compact file reproduce the compact file's outputs, not the folder's
+    code, _, err = run("merge", output, "--from-compact", "--output", tmp_path / "merged")
+    assert code == 0, err
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**bert_inputs()).logits, served, atol=1e-5, rtol=1e-5)
+    peft = pytest.importorskip("peft")
+    code, _, err = run("export-lora", output, "--from-compact", "--output", tmp_path / "lora")
+    assert code == 0, err
+    base = AutoModelForSequenceClassification.from_pretrained(assets / "bert", num_labels=2)
+    lora = peft.PeftModel.from_pretrained(base, tmp_path / "lora").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(lora(**bert_inputs()).logits, served, atol=1e-5, rtol=1e-5)
+    code, _, err = run("merge", trained, "--from-compact", "--output", tmp_path / "none")
+    assert code == 2 and "no such file" in err and not (tmp_path / "none").exists()
     # inspect reads the compact file alone: the same modules and the same bank-vector selection
     code, from_file, err = run("inspect", path, "--modules")
     assert code == 0, err

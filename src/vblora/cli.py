@@ -208,6 +208,14 @@ def _add_output_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
 
 
+def _add_from_compact_argument(p: argparse.ArgumentParser, verb: str) -> None:
+    p.add_argument(
+        "--from-compact",
+        action="store_true",
+        help=f"{verb} the run's {COMPACT_NAME} (from `vblora train --compact`) instead of adapter/",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vblora",
@@ -225,11 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_adapter_argument(p)
     _add_data_options(p, default="the run's")
     p.add_argument("--batch-size", type=int, help="evaluation batch size (default: the run's)")
-    p.add_argument(
-        "--from-compact",
-        action="store_true",
-        help=f"evaluate the run's {COMPACT_NAME} (from `vblora train --compact`) instead of adapter/",
-    )
+    _add_from_compact_argument(p, "evaluate")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
@@ -242,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_adapter_argument(p)
     _add_output_arguments(p)
+    _add_from_compact_argument(p, "merge")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser(
@@ -252,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_adapter_argument(p)
     _add_output_arguments(p)
+    _add_from_compact_argument(p, "export")
     p.set_defaults(func=cmd_export_lora)
 
     p = sub.add_parser(
@@ -391,7 +397,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_merge(args: argparse.Namespace) -> None:
     run = R.open_run(args.run, run_overrides(args))
     R.check_output(args.output, args.overwrite)
-    model, tokenizer = R.load_saved_model(run)
+    model, tokenizer = R.load_saved_model(run, compact=args.from_compact)
     merged = model.merge_and_unload(safe_merge=True)
     with R.staged_output(args.output, args.overwrite) as tmp:
         merged.save_pretrained(tmp)
@@ -404,7 +410,7 @@ def cmd_export_lora(args: argparse.Namespace) -> None:
 
     run = R.open_run(args.run, run_overrides(args))
     R.check_output(args.output, args.overwrite)
-    model, _ = R.load_saved_model(run)
+    model, _ = R.load_saved_model(run, compact=args.from_compact)
     with R.staged_output(args.output, args.overwrite) as tmp:
         export_lora(model, tmp)
     print(f"wrote a LoRA adapter (r={model.peft_config['default'].r}, lora_alpha=r) to {args.output}/")
