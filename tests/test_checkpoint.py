@@ -686,3 +686,26 @@ def test_corrupt_compact_files_are_refused(bases, tmp_path, case):
         load_compact(host, path, adapter_name="new")
     assert message in str(err.value)
     _assert_unchanged(host, before)
+    # read_compact (used by vblora inspect) finds the same problems in the file alone, except a
+    # layout that is consistent but names another model's layers: that needs the model
+    if case == "other_model":
+        assert ck.read_compact(path).layout
+        return
+    with pytest.raises(ValueError, match=None) as err:
+        ck.read_compact(path)
+    # a layer made larger in the header no longer matches the packed indices' length
+    assert ("topk_indices:" if case == "layer_shape" else message) in str(err.value)
+
+
+def test_read_compact_returns_what_load_compact_serves(bases, tmp_path):
+    ours = _ours(bases["bert"], "bert")
+    save_compact(ours, tmp_path / "a.vblora", bank_dtype=torch.int8)
+    contents = ck.read_compact(tmp_path / "a.vblora")
+    bank = ours.vblora_banks["default"]
+    assert contents.config.num_vectors == bank.num_vectors and contents.stored_bank_dtype == torch.int8
+    assert list(contents.layout) == list(bank.layout)
+    chosen = bank.logits.detach().topk(bank.topk, dim=-1).indices
+    assert torch.equal(contents.indices.sort(dim=-1).values, chosen.sort(dim=-1).values)
+    assert torch.allclose(contents.weights.sum(dim=-1), torch.ones(len(contents.weights)), atol=1e-3)
+    served = load_compact(copy.deepcopy(bases["bert"]), tmp_path / "a.vblora").vblora_banks["default"]
+    torch.testing.assert_close(contents.bank, served.bank.detach())

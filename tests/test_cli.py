@@ -233,6 +233,17 @@ def test_train_compact_writes_a_file_that_eval_reloads(assets: Path, trained: Pa
     (tmp_path / "junk.vblora").write_bytes(b"not safetensors")
     code, _, err = run("inspect", tmp_path / "junk.vblora")
     assert code == 2 and "junk.vblora: unreadable" in err
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    # a well-formed safetensors file whose packed indices are one byte short: the loader's check
+    with safe_open(str(path), "pt") as f:
+        header = f.metadata()
+    tensors = load_file(path)
+    tensors["topk_indices"] = tensors["topk_indices"][:-1]
+    save_file(tensors, tmp_path / "short.vblora", metadata=header)
+    code, _, err = run("inspect", tmp_path / "short.vblora")
+    assert code == 2 and "short.vblora: unreadable or corrupt compact file (topk_indices:" in err
 
 
 def test_causal_lm_run_generates_and_eval_reproduces_loss(assets: Path, tmp_path: Path) -> None:

@@ -309,16 +309,16 @@ class _Plan:
     biases: dict[str, Tensor] = field(default_factory=dict)  # unwrapped parameter name -> value
     problems: list[str] = field(default_factory=list)
 
-    def fail_if_problems(self, source: object, adapter_name: str) -> None:
+    def fail_if_problems(self, source: object, adapter_name: str | None) -> None:
+        """Raise one ValueError listing every problem; ``adapter_name`` None: a read, no model."""
         if not self.problems:
             return
         listed = [f"  - {p}" for p in self.problems[:_MAX_LISTED]]
         if len(self.problems) > _MAX_LISTED:
             listed.append(f"  - ... and {len(self.problems) - _MAX_LISTED} more")
-        raise ValueError(
-            f"cannot load adapter {adapter_name!r} from {source}: {len(self.problems)} problem(s); "
-            "the model was not changed:\n" + "\n".join(listed)
-        )
+        what = f"read {source}" if adapter_name is None else f"load adapter {adapter_name!r} from {source}"
+        unchanged = "" if adapter_name is None else "; the model was not changed"
+        raise ValueError(f"cannot {what}: {len(self.problems)} problem(s){unchanged}:\n" + "\n".join(listed))
 
 
 def _plan_targets(
@@ -853,10 +853,11 @@ def _stored_layout(plan: _Plan, text: str | None) -> dict[str, Slot]:
     return build_layout(shapes, plan.config.r, b)
 
 
-def _compact_rows(
+def _compact_selection(
     plan: _Plan, tensors: dict[str, Tensor], stored: dict[str, Slot], bits: int
-) -> Tensor | None:
-    """The dense (P_stored, h) logits of a compact file's bit-packed indices and fp16 weights."""
+) -> tuple[Tensor, Tensor] | None:
+    """A compact file's top-k selection: the bank indices (P, k) every stored sub-vector picks and
+    their k weights (P, k), from the bit-packed indices and the k-1 fp16 weights."""
     k, h = plan.config.topk, plan.config.num_vectors
     count = max((s.end for s in stored.values()), default=0)
     packed, weights = tensors.pop("topk_indices", None), tensors.pop("topk_weights", None)
@@ -877,29 +878,69 @@ def _compact_rows(
         return None
     indices = unpack_bits(packed, bits, count * k).reshape(count, k)
     full = _topk_weights(plan, "topk", indices, weights)
-    plan.inference_only = True
-    return None if full is None else VF.logits_from_topk(indices, full, h)
+    return None if full is None else (indices, full)
 
 
-def _plan_compact(
-    root: nn.Module, tensors: dict[str, Tensor], metadata: dict[str, str], name: str, existing: dict
-) -> _Plan:
+def _config_of_header(metadata: dict[str, str]) -> VBLoRAConfig:
     if metadata.get("vblora_format") != COMPACT_FORMAT:
         raise ValueError(
             f"not a compact VB-LoRA file (header vblora_format={metadata.get('vblora_format')!r}, "
             f"expected {COMPACT_FORMAT!r}); load adapter directories with from_pretrained/load_adapter"
         )
-    config = _config_from_json(metadata.get("config", ""), "header 'config'")
-    plan = _plan_targets(root, config, name, existing)
-    tensors = dict(tensors)
+    return _config_from_json(metadata.get("config", ""), "header 'config'")
+
+
+def _check_compact_contents(
+    plan: _Plan, tensors: dict[str, Tensor], metadata: dict[str, str]
+) -> tuple[dict[str, Slot], tuple[Tensor, Tensor] | None]:
+    """Check a compact file against its own header, no model needed: the bank (into ``plan.bank``),
+    the stored layout and the top-k selection. Pops the adapter tensors from ``tensors``."""
     _check_compact_bank(plan, tensors)
     stored = _stored_layout(plan, metadata.get("layout"))
     try:
         bits = int(metadata.get("index_bits", ""))
     except ValueError:
         plan.problems.append("header index_bits is missing or malformed; the file is corrupt")
-        bits = _index_bits(config.num_vectors)
-    table = _compact_rows(plan, tensors, stored, bits)
+        bits = _index_bits(plan.config.num_vectors)
+    return stored, _compact_selection(plan, tensors, stored, bits)
+
+
+@dataclass(frozen=True)
+class CompactContents:
+    """A compact file read on its own and checked against its header (not against any model)."""
+
+    config: VBLoRAConfig
+    layout: dict[str, Slot]  # module path -> its rows, in the file's order
+    bank: Tensor  # (h, b), dequantised to float when stored as int8
+    stored_bank_dtype: torch.dtype
+    indices: Tensor  # (P, k) the bank vectors each stored sub-vector selects
+    weights: Tensor  # (P, k) their admixture weights
+    tensors: dict[str, Tensor]  # every tensor in the file, as stored
+
+
+def read_compact(path: StrPath) -> CompactContents:
+    """Read and check a ``.vblora`` file without a model (what ``load_compact`` checks first).
+
+    Raises:
+        ValueError: the file is unreadable or inconsistent with its header (every problem listed).
+    """
+    source = Path(path)
+    tensors, metadata = _read_safetensors(source)
+    plan = _Plan(_config_of_header(metadata), {}, [])
+    stored, selection = _check_compact_contents(plan, dict(tensors), metadata)
+    plan.fail_if_problems(source, None)
+    assert plan.bank is not None and selection is not None
+    return CompactContents(plan.config, stored, plan.bank, tensors["bank"].dtype, *selection, tensors=tensors)
+
+
+def _plan_compact(
+    root: nn.Module, tensors: dict[str, Tensor], metadata: dict[str, str], name: str, existing: dict
+) -> _Plan:
+    plan = _plan_targets(root, _config_of_header(metadata), name, existing)
+    tensors = dict(tensors)
+    stored, selection = _check_compact_contents(plan, tensors, metadata)
+    table = None if selection is None else VF.logits_from_topk(*selection, plan.config.num_vectors)
+    plan.inference_only = True
     rows: dict[str, Tensor | None] = {}
     for path, slot in stored.items():
         target = plan.layout.get(path)

@@ -13,15 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .bank import build_layout
-from .checkpoint import (
-    COMPACT_ADAPTER_TENSORS,
-    COMPACT_FORMAT,
-    CONFIG_NAME,
-    PREFIX,
-    WEIGHTS_NAME,
-    unpack_bits,
-)
+from . import checkpoint
+from .checkpoint import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 from .config import VBLoRAConfig
 from .data import DataError
 
@@ -102,44 +95,34 @@ def read_adapter(folder: pathlib.Path) -> AdapterSummary:
 
 
 def read_compact(path: pathlib.Path) -> AdapterSummary:
-    """Read a compact ``.vblora`` file (``save_compact``): config and layout from its header.
+    """Read a compact ``.vblora`` file (``save_compact``): config and layout from its header, checked
+    as ``load_compact`` checks them before it touches a model.
 
     Raises:
         DataError: the file is missing, unreadable, or not a well-formed compact VB-LoRA file.
     """
-    from safetensors import SafetensorError, safe_open
-
     if not path.is_file():
         raise DataError(f"{path}: no such file; pass a .vblora file, an adapter folder or a run folder")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (not a mapping)
-    except (SafetensorError, OSError) as err:
-        raise DataError(f"{path}: unreadable ({err})") from None
-    if meta.get("vblora_format") != COMPACT_FORMAT:
-        raise DataError(f"{path}: not a compact VB-LoRA file (no vblora_format={COMPACT_FORMAT!r} header)")
-    try:
-        config = VBLoRAConfig.from_dict(json.loads(meta["config"]))
-        shapes = [(str(p), int(i), int(o)) for p, i, o in json.loads(meta["layout"])]
-        layout = build_layout(shapes, config.r, config.vector_length)
-        counts = {p: {"A": slot.a_rows, "B": slot.b_rows} for p, slot in layout.items()}
-        total = sum(c["A"] + c["B"] for c in counts.values())
-        chosen = unpack_bits(tensors["topk_indices"], int(meta["index_bits"]), total * config.topk).long()
-        bank = tensors["bank"]
-    except (KeyError, ValueError, TypeError, RuntimeError) as err:
-        raise DataError(f"{path}: a corrupt compact file ({type(err).__name__}: {err})") from None
+        contents = checkpoint.read_compact(path)
+    except ValueError as err:
+        lines = str(err).splitlines()
+        detail = lines[1].strip(" -") if len(lines) > 1 else lines[0]  # the first problem, or the cause
+        raise DataError(f"{path}: unreadable or corrupt compact file ({detail})") from None
+    adapter, other = [], []
+    for key, tensor in contents.tensors.items():
+        (adapter if key in checkpoint.COMPACT_ADAPTER_TENSORS else other).append(tensor)
     return AdapterSummary(
         path=path,
-        config=config,
-        subvectors=counts,
-        bank_shape=(bank.shape[0], bank.shape[1]),
-        stored_vblora=_size([t for key, t in tensors.items() if key in COMPACT_ADAPTER_TENSORS]),
-        stored_other=_size([t for key, t in tensors.items() if key not in COMPACT_ADAPTER_TENSORS]),
+        config=contents.config,
+        subvectors={p: {"A": slot.a_rows, "B": slot.b_rows} for p, slot in contents.layout.items()},
+        bank_shape=(contents.bank.shape[0], contents.bank.shape[1]),
+        stored_vblora=_size(adapter),
+        stored_other=_size(other),
         file_bytes=path.stat().st_size,
-        selection=torch.bincount(chosen, minlength=bank.shape[0]),
+        selection=torch.bincount(contents.indices.reshape(-1), minlength=contents.bank.shape[0]),
         topk_only=True,
-        stored_as=COMPACT_STORED_AS.format(str(bank.dtype).removeprefix("torch.")),
+        stored_as=COMPACT_STORED_AS.format(str(contents.stored_bank_dtype).removeprefix("torch.")),
     )
 
 
