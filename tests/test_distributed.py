@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -36,19 +38,26 @@ def train(model, step_batches) -> None:
         opt.zero_grad()
 
 
-def worker(rank: int, world: int, port: int, out: str) -> None:
+@contextlib.contextmanager
+def process_group(rank: int, world: int, port: int) -> Iterator[None]:
+    """A spawned worker's gloo group on one thread, seeded like the single process it is compared with."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.manual_seed(1)
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def worker(rank: int, world: int, port: int, out: str) -> None:
+    with process_group(rank, world, port):
         ddp = DistributedDataParallel(make_model())
         # Each rank sees half of every batch; DDP averages the gradients.
         train(ddp, [ids.chunk(world)[rank] for ids in batches()])
         if rank == 0:
             torch.save({k: v for k, v in ddp.module.state_dict().items() if "vblora_banks" in k}, out)
-    finally:
-        dist.destroy_process_group()
 
 
 def free_port() -> int:
@@ -92,11 +101,7 @@ def fsdp_worker(rank: int, world: int, port: int, folder: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(1)
+    with process_group(rank, world, port):
         model = make_model()
         fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
         assert callable(getattr(model.vblora_banks["default"].bank, "full_tensor", None))  # sharded
@@ -104,8 +109,6 @@ def fsdp_worker(rank: int, world: int, port: int, folder: str) -> None:
         model.save_pretrained(folder, save_only_topk_weights=False)  # every rank; rank 0 writes
         if rank == 0:
             torch.save(probes, os.path.join(folder, "probes.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_fsdp2_fully_shard_trains_evaluates_and_saves_like_one_process(tmp_path) -> None:
