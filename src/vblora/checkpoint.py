@@ -912,10 +912,13 @@ class CompactContents:
     config: VBLoRAConfig
     layout: dict[str, Slot]  # module path -> its rows, in the file's order
     bank: Tensor  # (h, b), dequantised to float when stored as int8
-    stored_bank_dtype: torch.dtype
     indices: Tensor  # (P, k) the bank vectors each stored sub-vector selects
     weights: Tensor  # (P, k) their admixture weights
     tensors: dict[str, Tensor]  # every tensor in the file, as stored
+
+    @property
+    def stored_bank_dtype(self) -> torch.dtype:
+        return self.tensors["bank"].dtype
 
 
 def read_compact(path: StrPath) -> CompactContents:
@@ -930,7 +933,7 @@ def read_compact(path: StrPath) -> CompactContents:
     stored, selection = _check_compact_contents(plan, dict(tensors), metadata)
     plan.fail_if_problems(source, None)
     assert plan.bank is not None and selection is not None
-    return CompactContents(plan.config, stored, plan.bank, tensors["bank"].dtype, *selection, tensors=tensors)
+    return CompactContents(plan.config, stored, plan.bank, *selection, tensors=tensors)
 
 
 def _plan_compact(
