@@ -134,10 +134,6 @@ def build_head_only(
     return base, torch.optim.AdamW(head, lr=s.head_lr, weight_decay=0.0), lambda d: (0, 0)
 
 
-def vblora_name(method: str, s: RunSettings) -> str:
-    return f"{method} (h={s.num_vectors}, r={s.r})"
-
-
 def run_method(method: str, param: Any, s: RunSettings, args: argparse.Namespace) -> dict[str, Any]:
     """Train one method on the shared split and budget; return its row of the table.
 
@@ -146,7 +142,7 @@ def run_method(method: str, param: Any, s: RunSettings, args: argparse.Namespace
     name = f"{method} (lr {param:g})" if method in LORA_TARGETS else method
     if method in VBLORA_TARGETS:
         s = dataclasses.replace(s, target_modules=VBLORA_TARGETS[method] or s.target_modules, **param)
-        name = vblora_name(method, s)
+        name = f"{method} (h={s.num_vectors}, r={s.r})"
     torch.manual_seed(s.seed)  # the same classifier-head initialisation for every method
     base, tokenizer = T.load_base_model(s.task, s.model or "minilm", label_names=["rotten", "fresh"])
     if args.no_model_dropout:  # the base model's own dropout (hidden and attention), for every method
