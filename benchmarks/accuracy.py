@@ -353,8 +353,13 @@ def combine(paths: list[pathlib.Path]) -> list[dict[str, Any]]:
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     reference: dict[str, Any] | None = None
     for path in paths:
-        data = json.loads(path.read_text())
-        settings = data["setup"]["settings"]
+        try:
+            data = json.loads(path.read_text())
+            settings = data["setup"]["settings"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise SystemExit(
+                f"{path}: not a --json file of this benchmark ({type(err).__name__}: {err})"
+            ) from None
         setup = {k: settings.get(k) for k in _SAME_SETUP}
         if reference is None:
             reference = setup

@@ -90,6 +90,10 @@ def test_combine_merges_runs_and_refuses_a_different_split(accuracy: Any, tmp_pa
     other = write_run(tmp_path / "d.json", [row("lora-qv (lr 0.002)", 1, 0.8, 20_000)], test_size=1000)
     with pytest.raises(SystemExit, match=r"d\.json: a different split or budget \(test_size\)"):
         accuracy.combine([a, other])
+    (tmp_path / "junk.json").write_text("[1, 2]")
+    for path in (tmp_path / "junk.json", tmp_path / "missing.json"):
+        with pytest.raises(SystemExit, match=f"{path.name}: not a --json file of this benchmark"):
+            accuracy.combine([a, path])
 
 
 def test_setting_casts_to_the_field_type(accuracy: Any) -> None:
