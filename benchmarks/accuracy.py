@@ -48,6 +48,7 @@ VBLORA_TARGETS = {  # None: the demo's targets
     "vblora": None,
     "vblora-qv": ["query", "value"],
     "vblora-attn": ["query", "key", "value", "attention.output.dense"],
+    "peft-vblora": None,  # PEFT's own VB-LoRA with the same recipe: is a gap the method's or ours?
 }
 
 
@@ -98,6 +99,36 @@ def build_vblora(
         return stored_adapter_bytes(folder, "vblora_")
 
     return model, T.make_optimizer(model, s), save
+
+
+def build_peft_vblora(
+    base: nn.Module, s: RunSettings
+) -> tuple[nn.Module, torch.optim.Optimizer, Callable[[pathlib.Path], Any]]:
+    """PEFT's VB-LoRA with our settings' config and the same three learning-rate groups."""
+    from peft import VBLoRAConfig as PeftVBLoRAConfig
+    from peft import get_peft_model
+
+    ours = s.adapter_config("minilm")
+    fields = ("r", "num_vectors", "vector_length", "topk", "target_modules", "modules_to_save")
+    fields += ("save_only_topk_weights", "vblora_dropout", "init_vector_bank_bound", "init_logits_std")
+    model = get_peft_model(base, PeftVBLoRAConfig(**{f: getattr(ours, f) for f in fields}))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    logits = [p for n, p in named if "vblora_logits" in n]
+    bank = [p for n, p in named if "vblora_vector_bank" in n]
+    head = [p for n, p in named if "vblora_" not in n]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": logits, "lr": s.logits_lr, "weight_decay": 0.0},
+            {"params": bank, "lr": s.bank_lr, "weight_decay": 0.0},
+            {"params": head, "lr": s.head_lr, "weight_decay": s.weight_decay},
+        ]
+    )
+
+    def save(folder: pathlib.Path) -> tuple[int, int]:
+        model.save_pretrained(folder)
+        return stored_adapter_bytes(folder, "vblora_")
+
+    return model, optimizer, save
 
 
 def build_lora(
@@ -152,7 +183,9 @@ def run_method(method: str, param: Any, s: RunSettings, args: argparse.Namespace
     examples, label_names = T.load_examples(s)
     data = T.prepare_data(s, tokenizer, examples, label_names)
     torch.manual_seed(s.seed)
-    if method in VBLORA_TARGETS:
+    if method == "peft-vblora":
+        model, optimizer, save = build_peft_vblora(base, s)
+    elif method in VBLORA_TARGETS:
         model, optimizer, save = build_vblora(base, s)
     elif method in LORA_TARGETS:
         model, optimizer, save = build_lora(base, s, LORA_TARGETS[method], param, args.lora_r)
@@ -173,7 +206,7 @@ def run_method(method: str, param: Any, s: RunSettings, args: argparse.Namespace
     compact: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         adapter_bytes, file_bytes = save(pathlib.Path(tmp))
-        for bank in args.compact_banks if method in VBLORA_TARGETS else []:
+        for bank in args.compact_banks if method in VBLORA_TARGETS and method != "peft-vblora" else []:
             c = compact_round_trip(model, s, T.by_length(data.test), pathlib.Path(tmp), bank)
             compact[bank] = c
             print(
@@ -284,7 +317,7 @@ def paired_gaps(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     best_by_seed = {r["seed"]: r["accuracy"] for r in rows if r["method"] == best["method"]}
     out = []
     for r in summary:
-        if not r["method"].startswith("vblora"):
+        if "vblora" not in r["method"]:  # ours and PEFT's
             continue
         mine = [x for x in rows if x["method"] == r["method"] and x["seed"] in best_by_seed]
         forms = [("top-k directory", r["stored_bytes"], lambda x: x["accuracy"])]
@@ -381,9 +414,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--methods",
         default="vblora,vblora@r=8,lora-qv@2e-3,lora-all@1e-3,head-only",
-        help="comma-separated: vblora (the demo's targets), vblora-qv, vblora-attn, lora-qv, lora-all, "
-        "head-only; a LoRA may name its lr (lora-qv@2e-3), a VB-LoRA its bank size and any other "
-        "RunSettings field, ':'-separated (vblora@12, vblora@r=8, vblora@12:r=8:topk=3)",
+        help="comma-separated: vblora (the demo's targets), vblora-qv, vblora-attn, peft-vblora (PEFT's "
+        "VB-LoRA, the demo's targets), lora-qv, lora-all, head-only; a LoRA may name its lr "
+        "(lora-qv@2e-3), a VB-LoRA its bank size and any other RunSettings field, ':'-separated "
+        "(vblora@12, vblora@r=8, vblora@12:r=8:topk=3)",
     )
     parser.add_argument(
         "--lora-lr",

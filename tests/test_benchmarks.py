@@ -3,12 +3,18 @@ goal's verdict, and combining the JSON files of separate runs."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import pathlib
 from typing import Any
 
 import pytest
+import torch
+
+from conftest import tiny_bert
+from vblora import VBLoRAModel
+from vblora.train import RunSettings
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -43,6 +49,10 @@ def test_gaps_are_paired_by_seed_against_the_best_lora(accuracy: Any) -> None:
         row("vblora (h=64, r=8)", 2, 0.797, 4_000, int8=(1_000, 0.797)),
         row("vblora (h=64, r=8)", 3, 0.700, 4_000),  # no LoRA ran seed 3: not paired
         row("vblora (h=12, r=4)", 1, 0.790, 6_000),
+        row("peft-vblora (h=64, r=8)", 1, 0.803, 4_000),  # PEFT's own VB-LoRA gets its gap too
+        row("peft-vblora (h=64, r=8)", 2, 0.799, 4_000),
+        row("head-only", 1, 0.62, 0),
+        row("head-only", 2, 0.63, 0),
     ]
     gaps = {(g["method"], g["form"]): g for g in accuracy.paired_gaps(rows)}
     directory = gaps[("vblora (h=64, r=8)", "top-k directory")]
@@ -53,6 +63,8 @@ def test_gaps_are_paired_by_seed_against_the_best_lora(accuracy: Any) -> None:
     assert directory["bytes_share"] == pytest.approx(0.04) and directory["goal_met"]
     int8 = gaps[("vblora (h=64, r=8)", "compact, int8 bank")]
     assert int8["gap_points"] == pytest.approx(0.85) and int8["bytes_share"] == pytest.approx(0.01)
+    assert gaps[("peft-vblora (h=64, r=8)", "top-k directory")]["gap_points"] == pytest.approx(0.8)
+    assert not any(method == "head-only" for method, _ in gaps)
     small = gaps[("vblora (h=12, r=4)", "top-k directory")]  # 2.2 points behind, one seed
     assert small["seeds"] == 1 and small["gap_se"] is None and not small["goal_met"]
     text = accuracy.gap_table(list(gaps.values()))
@@ -103,3 +115,26 @@ def test_setting_casts_to_the_field_type(accuracy: Any) -> None:
     for bad, message in (("nope=1", "RunSettings field"), ("r=x", "not a valid"), ("r=", "FIELD=VALUE")):
         with pytest.raises(ValueError, match=message):
             accuracy.setting(bad)
+
+
+def test_peft_vblora_is_built_with_our_recipe(accuracy: Any, tmp_path: pathlib.Path) -> None:
+    """The peft-vblora method: PEFT's VB-LoRA with the settings' config and learning-rate groups,
+    saving a top-k directory our library loads with the same outputs."""
+    s = dataclasses.replace(RunSettings().resolved(), vector_length=64, num_vectors=8, r=2, head_lr=3e-3)
+    model, optimizer, save = accuracy.build_peft_vblora(tiny_bert(), s)
+    groups = [(g["lr"], sorted(id(p) for p in g["params"])) for g in optimizer.param_groups]
+    named = dict(model.named_parameters())
+    logits = sorted(id(p) for n, p in named.items() if "vblora_logits" in n)
+    assert len(logits) == 2 * 6 * 2 + 2  # A and B of q, k, v and three dense layers per block; pooler
+    assert groups[0] == (s.logits_lr, logits)
+    assert groups[1] == (s.bank_lr, [id(named[n]) for n in named if "vblora_vector_bank" in n])
+    assert groups[2][0] == 3e-3 and len(groups[2][1]) == 2  # the classifier's weight and bias
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p.data, std=0.5)  # trained-looking logits, bank and head
+    stored, _ = save(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["save_only_topk_weights"]
+    assert stored > 0
+    ids = torch.randint(1, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    ours = VBLoRAModel.from_pretrained(tiny_bert(), tmp_path).eval()
+    torch.testing.assert_close(ours(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
