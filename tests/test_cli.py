@@ -374,6 +374,20 @@ def test_other_commands_reject_missing_or_foreign_folders(tmp_path: Path) -> Non
     assert code == 2 and "adapter_config.json" in err
 
 
+def test_an_adapter_for_another_base_model_names_the_first_problem(trained: Path, tmp_path: Path) -> None:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    other = tmp_path / "wider-bert"  # hidden 96: every adapted layer has other sub-vector counts
+    config = BertConfig(vocab_size=64, hidden_size=96, num_hidden_layers=2, num_attention_heads=4)
+    BertForSequenceClassification(config).save_pretrained(other)
+    for command in (["eval"], ["merge", "--output", tmp_path / "merged"]):
+        code, _, err = run(command[0], trained, "--model", other, *command[1:])
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "problem(s)" in err and "first: bert.encoder.layer.0." in err and "shape" in err, err
+        assert f"base model: {other}; --model chooses another" in err
+    assert not (tmp_path / "merged").exists()
+
+
 # --------------------------------------------------------------------------- help
 
 

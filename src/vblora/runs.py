@@ -258,6 +258,11 @@ def load_saved_model(run: SavedRun, compact: bool = False) -> tuple[Any, Any]:
     base, tokenizer = T.load_base_model(s.task, s.model, label_names=s.labels or ["0", "1"])
     try:
         model = load_compact(base, path) if compact else VBLoRAModel.from_pretrained(base, path)
-    except (ValueError, TypeError) as err:
-        raise RunError(f"{path}: {str(err).splitlines()[0]}") from None
+    except (ValueError, TypeError) as err:  # one line: the loader's summary and its first problem
+        summary, *problems = str(err).splitlines()
+        first = f" first: {problems[0].strip().removeprefix('- ')}" if problems else ""
+        where = "" if str(path) in summary else f"{path}: "
+        raise RunError(
+            f"{where}{summary.rstrip(':')};{first} (base model: {s.model}; --model chooses another)"
+        ) from None
     return model, tokenizer
