@@ -8,7 +8,7 @@ from torch import nn
 
 from conftest import MLP, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
 from vblora import VBLoRAConfig, get_vblora_model
-from vblora.layer import VBLoRALayer
+from vblora.layer import ModulesToSaveWrapper, VBLoRALayer
 
 
 def adapted(model: nn.Module) -> list[str]:
@@ -48,6 +48,43 @@ def test_all_linear_skips_modules_to_save() -> None:
     )
     names = adapted(model.model)
     assert "classifier" not in names and "bert.pooler.dense" in names
+
+
+def _llama_classifier() -> nn.Module:
+    from transformers import LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    return LlamaForSequenceClassification(tiny_llama().config).eval()
+
+
+@pytest.mark.parametrize("task_type", [None, "SEQ_CLS"])
+@pytest.mark.parametrize("build", [tiny_bert, _llama_classifier], ids=["bert", "llama"])
+def test_all_linear_on_a_classifier_targets_what_peft_targets(build, task_type) -> None:
+    """With task_type SEQ_CLS, all-linear leaves the classifier head (score/classifier) out, as
+    PEFT does; without it, the head is a linear layer like any other."""
+    from peft import VBLoRAConfig as PeftVBLoRAConfig
+    from peft import get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    settings = {"target_modules": "all-linear", "task_type": task_type, "vector_length": 2, "num_vectors": 8}
+    ours = adapted(get_vblora_model(build(), VBLoRAConfig(**settings)).model)
+    theirs = get_peft_model(build(), PeftVBLoRAConfig(**settings)).base_model.model
+    peft_names = [n for n, m in theirs.named_modules() if isinstance(m, BaseTunerLayer)]
+    assert ours == peft_names
+    head = "classifier" if build is tiny_bert else "score"
+    assert (head in ours) == (task_type is None)
+
+
+def test_modules_to_save_that_match_nothing_are_refused_before_any_change() -> None:
+    base = tiny_bert()
+    with pytest.raises(ValueError, match=r"modules_to_save \['clasifier'\] matched no module .*'classifier'"):
+        get_vblora_model(base, cfg(target_modules=["query"], modules_to_save=["clasifier"]))
+    assert adapted(base) == []
+    # one of several names is enough: PEFT writes ["classifier", "score"] for any classifier
+    model = get_vblora_model(
+        tiny_bert(), cfg(target_modules=["query"], modules_to_save=["classifier", "score"])
+    )
+    assert isinstance(model.model.classifier, ModulesToSaveWrapper)
 
 
 def test_exclude_modules() -> None:

@@ -2,7 +2,8 @@
 
 - a list matches a module whose path equals a name or ends with ``"." + name``;
 - a string is a regex matched against the full module path;
-- ``"all-linear"`` takes every linear layer except the output head;
+- ``"all-linear"`` takes every linear layer except the output head (with ``task_type="SEQ_CLS"``,
+  the ``score`` or ``classifier`` head);
 - ``exclude_modules`` uses the same rules; ``layers_to_transform``/``layers_pattern`` filter by
   the layer index found in the path.
 """
@@ -65,12 +66,21 @@ def _layer_index(path: str, patterns: str | tuple[str, ...] | None) -> int | Non
     return None
 
 
-def _output_head(model: nn.Module) -> nn.Module | None:
+SEQ_CLS_HEAD_NAMES = ("score", "classifier")  # PEFT's names for a sequence classifier's head
+
+
+def _output_head(model: nn.Module, task_type: str | None) -> nn.Module | None:
+    """The layer ``all-linear`` leaves out: the output embeddings, else (PEFT's rule) with
+    ``task_type="SEQ_CLS"`` the model's ``score`` or ``classifier``."""
     get = getattr(model, "get_output_embeddings", None)
     try:
-        return get() if callable(get) else None
+        head = get() if callable(get) else None
     except (NotImplementedError, AttributeError):
-        return None
+        head = None
+    if head is None and str(task_type).upper() == "SEQ_CLS":
+        heads = (getattr(model, name, None) for name in SEQ_CLS_HEAD_NAMES)
+        head = next((h for h in heads if isinstance(h, nn.Module)), None)
+    return head
 
 
 def default_targets(model: nn.Module) -> tuple[str, ...]:
@@ -106,7 +116,7 @@ def find_targets(model: nn.Module, config: VBLoRAConfig, exclude: Sequence[str] 
         TypeError: a matched module is not a linear layer.
     """
     rule = config.target_modules if config.target_modules is not None else default_targets(model)
-    head = _output_head(model) if rule == ALL_LINEAR else None
+    head = _output_head(model, config.task_type) if rule == ALL_LINEAR else None
     found: list[str] = []
     for path, module in _candidates(model):
         if any(path == e or path.startswith(e + ".") for e in exclude):
@@ -145,5 +155,11 @@ def _in_layers(path: str, config: VBLoRAConfig) -> bool:
 def find_modules_to_save(model: nn.Module, names: tuple[str, ...]) -> list[str]:
     """Paths of the modules named (exactly or by suffix) in ``modules_to_save``."""
     found = [path for path, _ in _candidates(model, with_save_wrappers=True) if _matches(path, names)]
+    if names and not found:  # a typo would otherwise leave the head untrained and unsaved, silently
+        children = [name for name, _ in model.named_children()]
+        raise ValueError(
+            f"modules_to_save {list(names)} matched no module of {type(model).__name__}; "
+            f"its top-level modules: {children}"
+        )
     # Keep outermost matches only (a classifier and its inner dense would otherwise both match).
     return [p for p in found if not any(p.startswith(q + ".") for q in found if q != p)]
