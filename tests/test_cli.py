@@ -149,7 +149,8 @@ def test_train_writes_adapter_metrics_and_plot(trained: Path) -> None:
     assert (trained / "training.png").read_bytes()[:4] == b"\x89PNG"
     config = json.loads((trained / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "VBLORA" and config["save_only_topk_weights"] is True
-    assert config["modules_to_save"] == ["classifier"] and config["vector_length"] == 32
+    assert config["modules_to_save"] == ["classifier", "score"] and config["vector_length"] == 32
+    assert config["target_modules"] == "all-linear" and config["task_type"] == "SEQ_CLS"
     assert m["metric"] == "accuracy" and [e["step"] for e in m["evals"]] == [0, 4, 8]  # 30 examples / 8
     assert m["steps"] == len(m["losses"]) == 8 and all(0 < loss < 5 for loss in m["losses"])
     assert m["before"] == m["evals"][0]["accuracy"] and m["after"] == m["evals"][-1]["accuracy"]
@@ -181,6 +182,21 @@ def test_eval_reproduces_the_recorded_metric(trained: Path) -> None:
     assert result["value"] == result["recorded"] == metrics_of(trained)["after"]
     code, out, _ = run("eval", trained / "adapter", "--quiet")  # the adapter folder works too
     assert code == 0 and "accuracy" in out
+
+
+def test_a_llama_classifier_trains_with_the_default_targets_and_head(assets: Path, tmp_path: Path) -> None:
+    """The defaults are not BERT's names only: a Llama classifier gets every linear layer of its
+    decoder adapted and its `score` head trained and saved."""
+    output = tmp_path / "llama-cls"
+    args = bert_args(assets, output)
+    args[args.index(assets / "bert")] = assets / "llama"
+    code, _, err = run(*args)
+    assert code == 0, err
+    m = metrics_of(output)
+    assert m["adapter_bytes"]["other_tensors"] == 4 * 2 * 64  # score: 2 x 64, no bias, float32
+    code, out, err = run("eval", output, "--json")
+    assert code == 0, err
+    assert json.loads(out)["value"] == m["after"]
 
 
 def test_train_compact_writes_a_file_that_eval_reloads(assets: Path, trained: Path, tmp_path: Path) -> None:

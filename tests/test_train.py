@@ -19,7 +19,7 @@ def test_settings_resolve_task_and_data_defaults() -> None:
         4000,
         1000,
     )
-    assert s.target_modules == ["query", "key", "value", "dense"] and s.modules_to_save == ["classifier"]
+    assert s.target_modules == "all-linear" and s.modules_to_save == ["classifier", "score"]
     lm = RunSettings(task="causal-lm").resolved()
     assert (lm.model, lm.data, lm.vector_length, lm.target_modules) == (
         "smollm2",

@@ -59,7 +59,10 @@ def _default(name: str) -> str:
     """The default of a RunSettings field for --help, per task when the task decides it."""
     per_task = {t: d[name] for t, d in T.TASK_DEFAULTS.items() if name in d}
     if per_task:
-        return ", ".join(f"{t}: {_show(v, name)}" for t, v in per_task.items())
+        shown = {t: _show(v, name) for t, v in per_task.items()}
+        if len(set(shown.values())) == 1:  # the same for every task
+            return next(iter(shown.values()))
+        return ", ".join(f"{t}: {v}" for t, v in shown.items())
     per_data = {k: d[name] for k, d in T.DATA_DEFAULTS.items() if name in d}
     if per_data:
         return ", ".join(f"{k}: {'all' if v is None else v}" for k, v in per_data.items())

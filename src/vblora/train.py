@@ -48,8 +48,8 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
         "data": "rotten-tomatoes",
         "text_column": "text",
         "label_column": "label",
-        "target_modules": ["query", "key", "value", "dense"],
-        "modules_to_save": ["classifier"],
+        "target_modules": "all-linear",  # on BERT: query, key, value and every dense layer
+        "modules_to_save": ["classifier", "score"],  # BERT's head and Llama's, Qwen's, ...
         "vector_length": 128,
         "max_length": 64,
         "batch_size": 32,
