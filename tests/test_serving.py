@@ -98,8 +98,12 @@ def test_mixed_batch_errors() -> None:
     inputs = model_inputs("llama", batch=2)
     with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['zzz'\]"):
         model(**inputs, adapter_names=["a", "zzz"])
-    with pytest.raises(ValueError, match="one adapter name per row"):
-        model(**inputs, adapter_names=["a", "b", "c"])
+    for names in (["a", "b", "c"], ["a"]):  # one name for two rows is not "the same for both"
+        with pytest.raises(ValueError, match="one adapter name per row"):
+            model(**inputs, adapter_names=names)
+    with torch.no_grad():  # a single string is every row's adapter
+        every = output_tensor(model(**inputs, adapter_names="b"))
+    torch.testing.assert_close(every, per_adapter(model, inputs, "b"), atol=1e-5, rtol=1e-5)
     model.merge_adapter(["a"])
     with pytest.raises(ValueError, match="unmerged"):
         model(**inputs, adapter_names=["a", "b"])

@@ -67,22 +67,32 @@ class VBLoRAModel(nn.Module):
 
     # ------------------------------------------------------------------ pass-through
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
-        """The base model's forward; ``adapter_names`` (one per row) runs a mixed-adapter batch."""
+        """The base model's forward; ``adapter_names`` (one per row, or one name for every row) runs
+        a mixed-adapter batch."""
         if adapter_names is None:
             return self.model(*args, **kwargs)
-        with self._mixed_batch(adapter_names):
+        with self._mixed_batch(adapter_names, _input_rows(args, kwargs)):
             return self.model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """The base model's ``generate``; ``adapter_names`` gives each row its own adapter."""
         if adapter_names is None:
             return self.model.generate(*args, **kwargs)
-        with self._mixed_batch(adapter_names):
+        with self._mixed_batch(adapter_names, _input_rows(args, kwargs)):
             return self.model.generate(*args, **kwargs)
 
     @contextlib.contextmanager
-    def _mixed_batch(self, adapter_names: Sequence[str]) -> Iterator[None]:
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    def _mixed_batch(self, adapter_names: Sequence[str], rows: int | None) -> Iterator[None]:
+        """Route each row of the input (``rows`` of them, None if unknown) through its adapter."""
+        if isinstance(adapter_names, str):
+            names = [adapter_names] * (rows or 1)
+        else:
+            names = list(adapter_names)
+            if rows is not None and len(names) != rows:
+                raise ValueError(
+                    f"adapter_names has {len(names)} entries for an input of {rows} rows; "
+                    "pass one adapter name per row (or one name for every row)"
+                )
         unknown = sorted({n for n in names if n != BASE_ADAPTER and n not in self.peft_config})
         if unknown:
             raise ValueError(
@@ -472,3 +482,12 @@ def _index_dtype(num_vectors: int) -> torch.dtype:
 def get_vblora_model(model: nn.Module, config: VBLoRAConfig, adapter_name: str = "default") -> VBLoRAModel:
     """Wrap ``model`` in place with a new VB-LoRA adapter and return the :class:`VBLoRAModel`."""
     return VBLoRAModel(model, config, adapter_name)
+
+
+def _input_rows(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    """The batch size of a forward's input: ``input_ids``/``inputs_embeds``, else the first tensor."""
+    named = [kwargs.get("input_ids"), kwargs.get("inputs_embeds")]
+    for value in (*named, *args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None
