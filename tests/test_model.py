@@ -462,6 +462,19 @@ def test_lifecycle_errors() -> None:
     assert "default" in model.peft_config
 
 
+def test_wrapping_an_adapted_model_again_is_refused_and_changes_nothing() -> None:
+    model, inputs = build("mlp")
+    before = run(model, inputs)
+    with pytest.raises(ValueError, match=r"already holds VB-LoRA layers.*add_adapter"):
+        get_vblora_model(model.model, CONFIGS["mlp"])  # would re-point the layers at a second bank
+    with pytest.raises(TypeError, match="already a VBLoRAModel"):
+        get_vblora_model(model, CONFIGS["mlp"])
+    torch.testing.assert_close(run(model, inputs), before, atol=0, rtol=0)
+    assert all(p.requires_grad for p in model.vblora_banks["default"].parameters())
+    again = get_vblora_model(model.unload(), CONFIGS["mlp"])  # unloaded, it is a plain model again
+    assert len(layers(again)) == 3
+
+
 def test_config_is_not_mutated_by_injection() -> None:
     cfg = VBLoRAConfig(num_vectors=8, vector_length=16, target_modules=["c_attn"])
     snapshot = dataclasses.asdict(cfg)

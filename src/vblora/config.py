@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,9 +23,16 @@ _PEFT_ONLY_KEYS = frozenset({"peft_type", "peft_version", "auto_mapping"})
 
 def _as_tuple(value: str | Sequence[str] | None) -> str | tuple[str, ...] | None:
     """Freeze a list of names into a tuple, keep a regex string (or None) as it is."""
-    if value is None or isinstance(value, str):
-        return value
+    if value is None or isinstance(value, str) or not isinstance(value, Iterable):
+        return value  # a non-iterable is reported by the validation
     return tuple(value)
+
+
+def _check_regex(name: str, value: str) -> None:
+    try:
+        re.compile(value)
+    except re.error as err:
+        raise ValueError(f"VBLoRAConfig: {name} {value!r} is not a valid regex ({err})") from None
 
 
 @dataclass(frozen=True)
@@ -92,6 +100,17 @@ class VBLoRAConfig:
 
         for name in ("r", "num_vectors", "vector_length", "topk"):
             positive_int(name)
+        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                if name != "layers_pattern":  # the others are regexes over module paths
+                    _check_regex(name, value)
+            elif value is not None and not (
+                isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+            ):
+                raise ValueError(
+                    f"VBLoRAConfig: {name} must be a list of module names or a regex string, got {value!r}"
+                )
         if self.topk > self.num_vectors:
             raise ValueError(
                 f"VBLoRAConfig: topk={self.topk} exceeds num_vectors={self.num_vectors}; "

@@ -53,6 +53,13 @@ class VBLoRAModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, config: VBLoRAConfig, adapter_name: str = "default") -> None:
+        if isinstance(model, VBLoRAModel):
+            raise TypeError("model is already a VBLoRAModel; use its add_adapter(name, config) instead")
+        if any(isinstance(m, (VBLoRALayer, ModulesToSaveWrapper)) for m in model.modules()):
+            raise ValueError(
+                "model already holds VB-LoRA layers (another VBLoRAModel wraps it); add adapters with "
+                "that model's add_adapter(name, config), or call its unload() first"
+            )
         super().__init__()
         self.model = model
         self.peft_config: dict[str, VBLoRAConfig] = {}
