@@ -493,6 +493,27 @@ def test_interrupted_save_keeps_previous_adapter(bases, tmp_path, monkeypatch):
     assert _rel(_out(load_compact(copy.deepcopy(bases["bert"]), tmp_path / "a.vblora")), ref) <= 1e-3
 
 
+def test_every_writer_refuses_a_bad_target_before_writing_and_creates_missing_folders(bases, tmp_path):
+    ours = _ours(bases["bert"], "bert")
+    (tmp_path / "a-file").write_text("keep")
+    (tmp_path / "a-folder").mkdir()
+    bad = [
+        (lambda: ours.save_pretrained(tmp_path / "a-file"), "a-file: exists and is not a directory"),
+        (lambda: export_lora(ours, tmp_path / "a-file"), "a-file: exists and is not a directory"),
+        (lambda: save_compact(ours, tmp_path / "a-folder"), "a-folder: is a directory; name the file"),
+        (lambda: save_compact(ours, tmp_path / "a-file" / "x.vblora"), "a-file: exists and is not a dir"),
+    ]
+    for write, message in bad:
+        with pytest.raises(ValueError, match=message):
+            write()
+    assert (tmp_path / "a-file").read_text() == "keep" and not any((tmp_path / "a-folder").iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "a-folder"]  # no temporaries
+    save_compact(ours, tmp_path / "new" / "deeper" / "a.vblora")
+    export_lora(ours, tmp_path / "new" / "lora")
+    assert (tmp_path / "new" / "deeper" / "a.vblora").is_file()
+    assert (tmp_path / "new" / "lora" / ck.CONFIG_NAME).is_file()
+
+
 def test_pickle_checkpoints_are_refused(bases, tmp_path, monkeypatch):
     _ours(bases["bert"], "bert").save_pretrained(tmp_path)
     (tmp_path / ck.WEIGHTS_NAME).rename(tmp_path / ck.PICKLE_NAME)

@@ -74,12 +74,21 @@ def _write_all(handle: IO[bytes], data: bytes) -> None:
 
 
 def _atomic_write(files: dict[Path, bytes]) -> None:
-    """Write every file to a temporary in its folder, then rename each over its target.
+    """Write every file to a temporary in its folder (created if missing), then rename each over
+    its target.
 
     Nothing is replaced until all temporaries are written and synced, so an exception or crash
     while writing leaves every old file intact (only a crash between the final renames, a few
     microseconds, could leave some files new and others old).
     """
+    for path in files:  # bad targets are refused before anything is written
+        if path.is_dir():
+            raise ValueError(f"{path}: is a directory; name the file to write")
+        for folder in (path.parent, *path.parent.parents):
+            if folder.exists() and not folder.is_dir():
+                raise ValueError(f"{folder}: exists and is not a directory")
+    for folder in {path.parent for path in files}:
+        folder.mkdir(parents=True, exist_ok=True)
     temps: dict[Path, Path] = {}
     try:
         for path, data in files.items():
@@ -262,8 +271,6 @@ def save_pretrained(
     (the tensors are gathered), and rank 0 alone writes.
     """
     root = Path(save_directory)
-    if root.exists() and not root.is_dir():
-        raise ValueError(f"{root}: exists and is not a directory")
     pending: dict[Path, bytes] = {}
     for name in _adapter_names(model, adapter_name):
         config = model.peft_config[name]
@@ -275,8 +282,6 @@ def save_pretrained(
         pending[folder / WEIGHTS_NAME] = _safetensors_bytes(tensors, {})
     if _sharded_rank(model) not in (None, 0):
         return  # the gathered tensors are the same on every rank: rank 0 writes them
-    for path in pending:
-        path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(pending)
 
 
@@ -1032,5 +1037,4 @@ def export_lora(model: VBLoRAModel, save_directory: StrPath, adapter_name: str =
     config_bytes = json.dumps(lora_config, indent=2, sort_keys=True).encode("utf-8")
     weight_bytes = _safetensors_bytes(tensors, {})
     folder = Path(save_directory)
-    folder.mkdir(parents=True, exist_ok=True)
     _atomic_write({folder / CONFIG_NAME: config_bytes, folder / WEIGHTS_NAME: weight_bytes})
