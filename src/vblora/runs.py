@@ -260,9 +260,11 @@ def load_saved_model(run: SavedRun, compact: bool = False) -> tuple[Any, Any]:
         model = load_compact(base, path) if compact else VBLoRAModel.from_pretrained(base, path)
     except (ValueError, TypeError) as err:  # one line: the loader's summary and its first problem
         summary, *problems = str(err).splitlines()
-        first = f" first: {problems[0].strip().removeprefix('- ')}" if problems else ""
-        where = "" if str(path) in summary else f"{path}: "
-        raise RunError(
-            f"{where}{summary.rstrip(':')};{first} (base model: {s.model}; --model chooses another)"
-        ) from None
+        message = summary if str(path) in summary else f"{path}: {summary}"
+        if problems:  # the adapter does not fit this base model (or the file is inconsistent)
+            first = problems[0].strip().removeprefix("- ")
+            message = (
+                f"{message.rstrip(':')}; first: {first} (base model: {s.model}; --model chooses another)"
+            )
+        raise RunError(message) from None
     return model, tokenizer
