@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -402,6 +403,13 @@ def test_an_adapter_for_another_base_model_names_the_first_problem(trained: Path
         assert "problem(s)" in err and "first: bert.encoder.layer.0." in err and "shape" in err, err
         assert f"base model: {other}; --model chooses another" in err
     assert not (tmp_path / "merged").exists()
+    broken = tmp_path / "broken-run"  # a truncated file: the reader's message alone, no base-model hint
+    shutil.copytree(trained, broken)
+    weights = broken / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    code, _, err = run("eval", broken)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "truncated or corrupt" in err and "--model" not in err
 
 
 # --------------------------------------------------------------------------- help
