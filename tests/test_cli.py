@@ -339,6 +339,18 @@ def test_export_lora_loads_in_peft_with_equal_outputs(assets: Path, trained: Pat
     torch.testing.assert_close(got, vblora_logits(assets, trained), atol=1e-5, rtol=1e-5)
 
 
+def test_trained_adapter_loads_in_peft_with_equal_outputs(assets: Path, trained: Path) -> None:
+    """The run's adapter (all-linear, task SEQ_CLS, head classifier or score) is PEFT's layout."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(assets / "bert", num_labels=2)
+    theirs = peft.PeftModel.from_pretrained(base, trained / "adapter").eval()
+    with torch.no_grad():
+        got = theirs(**bert_inputs()).logits
+    torch.testing.assert_close(got, vblora_logits(assets, trained), atol=1e-5, rtol=1e-5)
+
+
 # --------------------------------------------------------------------------- bad inputs
 
 
@@ -354,6 +366,7 @@ BAD_INPUTS = {
     "vector_length does not divide": (["--vector-length", "48"], "not divisible by vector_length 48"),
     "zero epochs": (["--epochs", "0"], "--epochs must be at least 1"),
     "topk above num_vectors": (["--topk", "32"], "exceeds num_vectors"),
+    "modules_to_save match nothing": (["--modules-to-save", "clasifier"], "matched no module"),
 }
 
 
