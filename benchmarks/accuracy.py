@@ -170,7 +170,9 @@ def run_method(method: str, param: Any, s: RunSettings, args: argparse.Namespace
 
     ``param`` is the learning rate of a LoRA method, the RunSettings overrides of a VB-LoRA one.
     """
-    name = f"{method} (lr {param:g})" if method in LORA_TARGETS else method
+    name = method
+    if method in LORA_TARGETS:  # the rank is named when it is not the default 8 (older files: 8)
+        name = f"{method} (lr {param:g})" if args.lora_r == 8 else f"{method} (r={args.lora_r}, lr {param:g})"
     if method in VBLORA_TARGETS:
         s = dataclasses.replace(s, target_modules=VBLORA_TARGETS[method] or s.target_modules, **param)
         name = f"{method} (h={s.num_vectors}, r={s.r})"
