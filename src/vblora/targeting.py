@@ -152,13 +152,14 @@ def _in_layers(path: str, config: VBLoRAConfig) -> bool:
     return index is not None and index in (wanted or ())
 
 
-def find_modules_to_save(model: nn.Module, names: tuple[str, ...]) -> list[str]:
-    """Paths of the modules named (exactly or by suffix) in ``modules_to_save``."""
+def find_modules_to_save(model: nn.Module, names: str | tuple[str, ...]) -> list[str]:
+    """Paths of the modules named (exactly or by suffix, or by a regex) in ``modules_to_save``."""
     found = [path for path, _ in _candidates(model, with_save_wrappers=True) if _matches(path, names)]
     if names and not found:  # a typo would otherwise leave the head untrained and unsaved, silently
         children = [name for name, _ in model.named_children()]
+        shown = list(names) if isinstance(names, tuple) else repr(names)
         raise ValueError(
-            f"modules_to_save {list(names)} matched no module of {type(model).__name__}; "
+            f"modules_to_save {shown} matched no module of {type(model).__name__}; "
             f"its top-level modules: {children}"
         )
     # Keep outermost matches only (a classifier and its inner dense would otherwise both match).
