@@ -160,7 +160,7 @@ def test_delete_adapter_leaves_nothing(model_name: str) -> None:
     assert "gone" not in model.peft_config and "gone" not in model.vblora_banks
     assert model.active_adapters == ["default"]
     for module in model.modules():
-        for attr in ("banks", "vblora_dropout", "modules_to_save"):
+        for attr in ("banks", "dropout_rates", "modules_to_save"):
             assert "gone" not in getattr(module, attr, {})
     torch.testing.assert_close(run(model, inputs), only_default)
     # Deleting the last adapter unwraps every layer.
@@ -460,6 +460,26 @@ def test_lifecycle_errors() -> None:
     with pytest.raises(ValueError, match="is merged"):
         model.delete_adapter("default")
     assert "default" in model.peft_config
+
+
+def test_dropout_is_applied_in_training_only_and_adds_no_module_per_adapter() -> None:
+    """Thousands of adapters must not add thousands of submodules that every walk of the model visits."""
+    model, inputs = build("llama", vblora_dropout=0.5)
+    for i in range(3):
+        model.add_adapter(f"more{i}", dataclasses.replace(CONFIGS["llama"], vblora_dropout=0.5))
+    assert all(list(layer.children()) == [layer.base_layer] for layer in layers(model))
+    model.eval()
+    evaluated = run(model, inputs)
+    torch.testing.assert_close(run(model, inputs), evaluated, atol=0, rtol=0)
+    model.train()
+    torch.manual_seed(0)
+    first = run(model, inputs)
+    assert not torch.allclose(first, evaluated) and not torch.allclose(run(model, inputs), first)
+    torch.manual_seed(0)
+    torch.testing.assert_close(run(model, inputs), first, atol=0, rtol=0)  # seeded like nn.Dropout
+    no_dropout, _ = build("llama")
+    no_dropout.train()
+    torch.testing.assert_close(run(no_dropout, inputs), run(no_dropout.eval(), inputs))
 
 
 def test_wrapping_an_adapted_model_again_is_refused_and_changes_nothing() -> None:

@@ -537,14 +537,26 @@ def _unwrapped_name(name: str, wrapped: set[str] | None = None) -> str:
 
 
 def _base_parameters(root: nn.Module, skip: list[str]) -> dict[str, nn.Parameter]:
-    """The base model's parameters by unwrapped name, outside ``modules_to_save`` wrappers."""
-    wrapped = {p for p, m in root.named_modules() if isinstance(m, VBLoRALayer)}
-    skip = skip + [p for p, m in root.named_modules() if isinstance(m, ModulesToSaveWrapper)]
-    return {
-        _unwrapped_name(name, wrapped): p
-        for name, p in root.named_parameters()
-        if not any(name.startswith(s + ".") for s in skip)
-    }
+    """The base model's parameters by unwrapped name, outside ``modules_to_save`` wrappers and the
+    ``skip`` paths (which are not walked: a model with many trainable copies costs no more)."""
+    found: dict[str, nn.Parameter] = {}
+    wrapped: set[str] = set()
+    seen: set[int] = set()
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        if isinstance(module, ModulesToSaveWrapper) or prefix in skip:
+            return
+        if isinstance(module, VBLoRALayer):
+            wrapped.add(prefix)
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) not in seen:  # a shared parameter under its first name, as named_parameters
+                seen.add(id(p))
+                found[f"{prefix}.{name}" if prefix else name] = p
+        for name, child in module.named_children():
+            walk(child, f"{prefix}.{name}" if prefix else name)
+
+    walk(root, "")
+    return {_unwrapped_name(name, wrapped): p for name, p in found.items()}
 
 
 def _expected_biases(plan: _Plan, params: dict[str, nn.Parameter]) -> set[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.nn.modules import module as torch_module
 
 from . import functional as VF
@@ -67,9 +68,11 @@ class VBLoRALayer(nn.Module):
         self.base_layer = base_layer
         self.path = path
         self.in_features, self.out_features, self.fan_in_fan_out = layer_features(base_layer)
-        self.vblora_dropout = nn.ModuleDict()
-        # Plain dict: the banks are owned (and registered) by the model, not by each layer.
+        # Plain dicts: the banks are owned (and registered) by the model, not by each layer, and a
+        # dropout rate needs no module (thousands of adapters would add thousands of submodules,
+        # and every traversal of the model would walk them).
         self.banks: dict[str, AdapterBank] = {}
+        self.dropout_rates: dict[str, float] = {}
         self.active_adapters: tuple[str, ...] = ()
         self.merged_adapters: list[str] = []
         self.disabled = False
@@ -78,12 +81,11 @@ class VBLoRALayer(nn.Module):
     # ------------------------------------------------------------------ adapters
     def add_adapter(self, name: str, bank: AdapterBank, dropout: float) -> None:
         self.banks[name] = bank
-        self.vblora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout_rates[name] = dropout
 
     def remove_adapter(self, name: str) -> None:
         self.banks.pop(name, None)
-        if name in self.vblora_dropout:
-            del self.vblora_dropout[name]
+        self.dropout_rates.pop(name, None)
         self.active_adapters = tuple(a for a in self.active_adapters if a != name)
 
     @property
@@ -118,7 +120,7 @@ class VBLoRALayer(nn.Module):
             if name in self.merged_adapters or name not in self.banks:
                 continue
             a, b = self.banks[name].factors(self.path)
-            h = self.vblora_dropout[name](x).to(a.dtype)  # adapter math in the bank's dtype
+            h = self._dropout(name, x).to(a.dtype)  # adapter math in the bank's dtype
             result = result + VF.adapter_delta(h, a, b).to(result.dtype)
         return result
 
@@ -131,8 +133,7 @@ class VBLoRALayer(nn.Module):
         name = self.active_adapters[0]
         if self.routing is not None or name not in self.banks:
             return None
-        dropout = self.vblora_dropout[name]
-        if (dropout.training and not isinstance(dropout, nn.Identity)) or _autocast(x.device.type):
+        if (self.training and self.dropout_rates[name] > 0) or _autocast(x.device.type):
             return None
         a, b = self.banks[name].factors(self.path)
         weight = base.weight.T if self.fan_in_fan_out else base.weight
@@ -147,11 +148,17 @@ class VBLoRALayer(nn.Module):
             if rows is None:
                 continue
             a, b = bank.factors(self.path)
-            dropout = self.vblora_dropout[name]
             result = mixed_delta(
-                result, x, rows, lambda h, a=a, b=b, d=dropout: VF.adapter_delta(d(h).to(a.dtype), a, b)
+                result,
+                x,
+                rows,
+                lambda h, a=a, b=b, n=name: VF.adapter_delta(self._dropout(n, h).to(a.dtype), a, b),
             )
         return result
+
+    def _dropout(self, name: str, x: Tensor) -> Tensor:
+        p = self.dropout_rates[name]
+        return F.dropout(x, p, training=True) if p > 0 and self.training else x
 
     # ------------------------------------------------------------------ merging
     def delta_weight(self, name: str) -> Tensor:

@@ -95,15 +95,22 @@ def default_targets(model: nn.Module) -> tuple[str, ...]:
 
 
 def _candidates(model: nn.Module, with_save_wrappers: bool = False) -> Iterator[tuple[str, nn.Module]]:
-    """Named modules, not descending into adapter wrappers' internals or trainable copies."""
-    skip: list[str] = []
-    for path, module in model.named_modules():
-        if not path or any(path.startswith(p + ".") for p in skip):
-            continue
-        if isinstance(module, (ModulesToSaveWrapper, VBLoRALayer)):
-            skip.append(path)
-        if with_save_wrappers or not isinstance(module, ModulesToSaveWrapper):
-            yield path, module
+    """Named modules in ``named_modules`` order, not descending into adapter wrappers (their base
+    layer or trainable copies), so a model with many adapters is walked as fast as one with one."""
+    seen = {id(model)}
+
+    def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
+        for name, child in module.named_children():
+            if id(child) in seen:  # a shared module is listed once, as named_modules does
+                continue
+            seen.add(id(child))
+            path = f"{prefix}.{name}" if prefix else name
+            if with_save_wrappers or not isinstance(child, ModulesToSaveWrapper):
+                yield path, child
+            if not isinstance(child, (ModulesToSaveWrapper, VBLoRALayer)):
+                yield from walk(child, path)
+
+    return walk(model, "")
 
 
 def find_targets(model: nn.Module, config: VBLoRAConfig, exclude: Sequence[str] = ()) -> list[str]:
