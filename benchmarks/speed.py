@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import gc
 import importlib.util
 import json
@@ -516,6 +517,52 @@ def bench_composition(setup: Setup) -> list[Row]:
     return rows
 
 
+def bench_many_adapters(setup: Setup) -> list[Row]:
+    """Serving per-user adapters: load N saved top-k adapters into one model, ours vs PEFT's VB-LoRA.
+
+    A small Llama (2 layers, hidden 256, all 7 projections); the same PEFT-format directory is loaded
+    N times under different names (``from_pretrained``, then ``load_adapter``), into a fresh copy of
+    the base each call. Two sizes show how the cost grows with the number of adapters.
+    """
+    from peft import PeftModel
+
+    from vblora import VBLoRAModel
+
+    case = _llama(setup, 2, hidden=256, ffn=512, heads=4, vocab=1024, batch=2, seq=16)
+    case.vector_length, case.num_vectors = 64, 64
+    many = 50 if setup.quick else 200
+    rounds = min(setup.rounds, 3)  # PEFT's 200 loads take tens of seconds
+    once = dataclasses.replace(setup, warmup=0)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        ours_model(case).save_pretrained(folder, save_only_topk_weights=True)
+        loaded: dict[str, nn.Module] = {}
+
+        def loader(name: str, first: Callable[[nn.Module, Path], nn.Module], n: int) -> Callable[[], None]:
+            def run() -> None:
+                model = first(copy.deepcopy(case.base), folder)
+                for i in range(1, n):
+                    model.load_adapter(folder, f"user{i}")
+                loaded[name] = model
+
+            return run
+
+        for n in (many // 4, many):
+            fns = {
+                OURS: loader(OURS, VBLoRAModel.from_pretrained, n),
+                PEFT_VB: loader(PEFT_VB, PeftModel.from_pretrained, n),
+            }
+            times = alternate(fns, rounds, once)
+            name = f"{case.name.split(' (')[0]}, top-k adapters"
+            rows.append(timing_row(name, f"load {n} adapters into one model", times))
+        for model in loaded.values():
+            model.set_adapter(f"user{many - 1}")
+        diff = max_output_diff(loaded[OURS], loaded[PEFT_VB], case.batch)
+        print(f"\n== {rows[0].case}: adapter user{many - 1}, max |output diff| vs PEFT = {diff:.2e}")
+    return rows
+
+
 # ---------------------------------------------------------------------- report
 def report(row: Row) -> None:
     values = ", ".join(f"{n} {v:,.1f}" for n, v in row.values.items())
@@ -596,7 +643,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: process CPU time")
     parser.add_argument("--rounds", type=int, help="measured rounds per case (default 7, --quick 3)")
-    parser.add_argument("--cases", default="llama,minilm,composition", help="comma-separated subset")
+    parser.add_argument("--cases", default="llama,minilm,composition,adapters", help="comma-separated subset")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, help="default: on unless --quick")
     parser.add_argument("--profile", action="store_true", help="print an op profile of each training step")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
@@ -618,6 +665,7 @@ def main() -> None:
         "llama": lambda: bench_model(llama_case(setup), setup),
         "minilm": lambda: bench_model(minilm_case(setup), setup),
         "composition": lambda: bench_composition(setup),
+        "adapters": lambda: bench_many_adapters(setup),
     }
     start, rows = time.perf_counter(), []
     for name in args.cases.split(","):

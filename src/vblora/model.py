@@ -121,6 +121,13 @@ class VBLoRAModel(nn.Module):
                 module.routing = None
             self._routed = ()
 
+    def train(self, mode: bool = True) -> VBLoRAModel:
+        """The base model's train/eval mode (dropout); the banks have no mode, so they are not
+        walked: switching stays as cheap with thousands of adapters loaded as with one."""
+        self.training = mode
+        self.model.train(mode)
+        return self
+
     def get_base_model(self) -> nn.Module:
         return self.model
 
@@ -245,7 +252,9 @@ class VBLoRAModel(nn.Module):
             for name, module in wrapper.modules_to_save.items():
                 module.requires_grad_(name == wrapper.active_adapter)
         for name, bank in self.vblora_banks.items():
-            bank.requires_grad_(name in names and not bank.inference_only)
+            trainable = name in names and not bank.inference_only
+            if bank.bank.requires_grad != trainable or bank.logits.requires_grad != trainable:
+                bank.requires_grad_(trainable)  # only the banks that change: thousands may be loaded
         self._set_bias_trainable(names)
 
     def _check_save_conflicts(self, names: tuple[str, ...]) -> None:
