@@ -2,7 +2,7 @@
 
 Run from the repository root:
 
-    python benchmarks/speed.py                          # the full table (about 10 minutes)
+    python benchmarks/speed.py                          # the full table (about 12 minutes)
     python benchmarks/speed.py --quick                  # smaller shapes, fewer rounds (1-2 minutes)
     python benchmarks/speed.py --threads 1 --clock cpu  # steadier on a machine shared with others
 
@@ -14,6 +14,9 @@ Contenders, all fp32 in one process with a fixed ``torch.set_num_threads``:
 - ``PEFT LoRA``: PEFT's LoRA at the same rank and targets;
 - ``floor`` (training): the frozen base with gradients flowing to its inputs, the least any adapter
   can cost; ``base`` (inference): the plain base model.
+
+The ``adapters`` case times loading N saved adapters into one model (serving per-user adapters),
+ours against PEFT's VB-LoRA, at two N to show how the cost grows.
 
 Contenders alternate round-robin after warm-up (the first contender rotates each round). A time is
 the median over rounds; a ratio is the median over rounds of ours / theirs *within the same round*,
