@@ -16,7 +16,8 @@ Contenders, all fp32 in one process with a fixed ``torch.set_num_threads``:
   can cost; ``base`` (inference): the plain base model.
 
 The ``adapters`` case times loading N saved adapters into one model (serving per-user adapters),
-ours against PEFT's VB-LoRA, at two N to show how the cost grows.
+ours against PEFT's VB-LoRA, at two N to show how the cost grows, and a mixed-adapter batch with
+that many loaded (ours only: PEFT ignores ``adapter_names`` for VB-LoRA).
 
 Contenders alternate round-robin after warm-up (the first contender rotates each round). A time is
 the median over rounds; a ratio is the median over rounds of ours / theirs *within the same round*,
@@ -551,6 +552,7 @@ def bench_many_adapters(setup: Setup) -> list[Row]:
 
             return run
 
+        ids = case.batch["input_ids"][:1].expand(4, -1)
         for n in (many // 4, many):
             fns = {
                 OURS: loader(OURS, VBLoRAModel.from_pretrained, n),
@@ -559,6 +561,17 @@ def bench_many_adapters(setup: Setup) -> list[Row]:
             times = alternate(fns, rounds, once)
             name = f"{case.name.split(' (')[0]}, top-k adapters"
             rows.append(timing_row(name, f"load {n} adapters into one model", times))
+
+            # A mixed batch (PEFT ignores adapter_names for VB-LoRA): its cost should not grow
+            # with the adapters loaded, only with those in the batch.
+            ours = loaded[OURS].eval()
+
+            def mixed(model: nn.Module = ours) -> None:
+                with torch.no_grad():
+                    model(input_ids=ids, adapter_names=["user1", "user2", "__base__", "user3"])
+
+            times = alternate({OURS: mixed}, setup.rounds, setup)
+            rows.append(timing_row(name, f"mixed batch of 4 rows, {n} adapters loaded", times))
         for model in loaded.values():
             model.set_adapter(f"user{many - 1}")
         diff = max_output_diff(loaded[OURS], loaded[PEFT_VB], case.batch)

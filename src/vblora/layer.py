@@ -143,10 +143,11 @@ class VBLoRALayer(nn.Module):
 
     def _forward_mixed(self, x: Tensor, result: Tensor, routing: RowRouting) -> Tensor:
         """One adapter per row: each adapter's branch runs on its own rows only."""
-        for name, bank in self.banks.items():
-            rows = routing.rows_for(name, x.shape[0])
-            if rows is None:
+        for name in routing.rows:  # the batch's adapters, not every adapter loaded
+            bank = self.banks.get(name)
+            if bank is None:
                 continue
+            rows = routing.rows_for(name, x.shape[0])
             a, b = bank.factors(self.path)
             result = mixed_delta(
                 result,
@@ -226,8 +227,9 @@ class ModulesToSaveWrapper(nn.Module):
     def _forward_mixed(self, x: Tensor, routing: RowRouting) -> Tensor:
         """Rows of adapters with a trained copy use it; the other rows use the original module."""
         result = self.original_module(x)
-        for name, module in self.modules_to_save.items():
-            rows = routing.rows_for(name, x.shape[0])
-            if rows is not None:
+        for name in routing.rows:  # the batch's adapters, not every adapter loaded
+            if name in self.modules_to_save:
+                rows = routing.rows_for(name, x.shape[0])
+                module = self.modules_to_save[name]
                 result = result.index_copy(0, rows, module(x.index_select(0, rows)).to(result.dtype))
         return result
