@@ -251,10 +251,10 @@ class VBLoRAModel(nn.Module):
             wrapper.set_active(names)
             for name, module in wrapper.modules_to_save.items():
                 module.requires_grad_(name == wrapper.active_adapter)
-        for name, bank in self.vblora_banks.items():
+        for name, bank in self.vblora_banks.items():  # its two tensors: no module walk per bank
             trainable = name in names and not bank.inference_only
-            if bank.bank.requires_grad != trainable or bank.logits.requires_grad != trainable:
-                bank.requires_grad_(trainable)  # only the banks that change: thousands may be loaded
+            bank.bank.requires_grad_(trainable)
+            bank.logits.requires_grad_(trainable)
         self._set_bias_trainable(names)
 
     def _check_save_conflicts(self, names: tuple[str, ...]) -> None:
