@@ -1,4 +1,5 @@
 """Bytes on disk of every checkpoint format, for three adapter shapes; prints a Markdown table.
+The last two rows are the memory a loaded top-k adapter holds (its tensors, not the base model).
 
 Formats: our full-logits directory, PEFT's top-k directory (written by ``peft``), our top-k
 directory, the compact file with an fp32 / fp16 / bf16 / int8 bank, and the exact LoRA export. The error
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import peft
@@ -28,7 +29,6 @@ import transformers
 from torch import nn
 
 from vblora import VBLoRAConfig, VBLoRAModel, export_lora, get_vblora_model, load_compact, save_compact
-from vblora import functional as VF
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -93,8 +93,11 @@ def folder_bytes(folder: Path) -> int:
 
 
 def composed(bank: nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return VF.topk_admixture(bank.logits.float(), bank.bank.float(), bank.topk)
+    return bank.subvectors()  # every sub-vector in fp32, from the logits or the kept selection
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def rel_error(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -109,7 +112,12 @@ def measure(
     ours = get_vblora_model(factory(), VBLoRAConfig(**cfg))
     ours.save_pretrained(work / "full", save_only_topk_weights=False)
     ours.save_pretrained(work / "topk", save_only_topk_weights=True)
-    exact = composed(VBLoRAModel.from_pretrained(factory(), work / "topk").vblora_banks["default"])
+    served = VBLoRAModel.from_pretrained(factory(), work / "topk").vblora_banks["default"]
+    exact = composed(served)
+    held = tensor_bytes([*served.parameters(), *served.buffers()])
+    theirs = peft.PeftModel.from_pretrained(factory(), work / "topk")
+    held_by_peft = tensor_bytes(p for n, p in theirs.named_parameters() if "vblora_" in n)
+    del served, theirs
     theirs = peft.get_peft_model(factory(), peft.VBLoRAConfig(**cfg, save_only_topk_weights=True))
     theirs.save_pretrained(work / "peft")
     del theirs
@@ -132,6 +140,8 @@ def measure(
     rows["of which compact header"] = (header_bytes(work / "fp16.vblora"), None)
     export_lora(ours, work / "lora")
     rows["LoRA export (fp32)"] = (folder_bytes(work / "lora"), None)
+    rows["in memory, top-k directory loaded (ours: bank + selection)"] = (held, None)
+    rows["in memory, top-k directory loaded (peft: bank + full logits)"] = (held_by_peft, None)
     return rows
 
 

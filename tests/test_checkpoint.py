@@ -327,6 +327,38 @@ def test_merge_after_topk_load(bases, tmp_path):
     assert _rel(_out(merged), ref) <= 1e-5
 
 
+def test_an_inference_only_adapter_keeps_its_selection_not_the_logits_table(bases, tmp_path):
+    """A top-k directory or a compact file is served from (P, k) indices and weights; the (P, h)
+    logits are not kept (at h = 2048 they are 8 KB a sub-vector). Everything still works from it:
+    outputs, merging, export to LoRA, re-saving in either form, and PEFT reads what it re-saves."""
+    ours = _ours(bases["bert"], "bert")
+    ref, trained = _out(ours), ours.vblora_banks["default"]
+    ours.save_pretrained(tmp_path / "topk", save_only_topk_weights=True)
+    save_compact(ours, tmp_path / "a.vblora", bank_dtype=torch.float32)
+    for served, tol in (
+        (VBLoRAModel.from_pretrained(copy.deepcopy(bases["bert"]), tmp_path / "topk"), 1e-6),
+        (load_compact(copy.deepcopy(bases["bert"]), tmp_path / "a.vblora"), 2e-3),  # fp16 weights
+    ):
+        bank = served.vblora_banks["default"]
+        assert bank.logits.numel() == 0 and bank.inference_only
+        assert bank.topk_indices.shape == bank.topk_weights.shape == (trained.num_subvectors, trained.topk)
+        assert bank.num_subvectors == trained.num_subvectors
+        want, _ = trained.selection()
+        assert torch.equal(bank.topk_indices.sort(-1).values, want.sort(-1).values)
+        assert _rel(_out(served), ref) <= tol
+    ref = _out(served)  # the compact file's adapter, from here on
+    for topk in (True, False):  # re-saved either way, it serves the same, in ours and in PEFT
+        served.save_pretrained(tmp_path / f"again-{topk}", save_only_topk_weights=topk)
+        again = VBLoRAModel.from_pretrained(copy.deepcopy(bases["bert"]), tmp_path / f"again-{topk}")
+        assert _rel(_out(again), ref) <= 1e-5 and again.vblora_banks["default"].logits.numel() == 0
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(bases["bert"]), tmp_path / f"again-{topk}")
+        assert _rel(_out(theirs.eval()), ref) <= 1e-5
+    export_lora(served, tmp_path / "lora")
+    lora = peft.PeftModel.from_pretrained(copy.deepcopy(bases["bert"]), tmp_path / "lora").eval()
+    assert _rel(_out(lora), ref) <= 1e-5
+    assert _rel(_out(served.merge_and_unload()), ref) <= 1e-5
+
+
 def test_missing_biases_of_old_peft_files_warn(bases, tmp_path):
     _ours(bases["bert"], "bert").save_pretrained(tmp_path)
     tensors = {

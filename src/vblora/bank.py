@@ -96,12 +96,17 @@ class AdapterBank(nn.Module):
         rows = max((s.end for s in layout.values()), default=0)
         self.layout = dict(layout)
         self.topk = topk
+        self._rows = rows
         self.bank = nn.Parameter(torch.empty(num_vectors, vector_length, device=device))
         self.logits = nn.Parameter(torch.empty(rows, num_vectors, device=device))
         nn.init.uniform_(self.bank, -init_bank_bound, init_bank_bound)
         nn.init.normal_(self.logits, 0.0, init_logits_std)
         # Set to True when the logits hold only top-k entries (-inf elsewhere): inference only.
         self.inference_only = False
+        # An inference-only adapter keeps only its selection, (P, k) indices and weights, instead
+        # of the (P, h) logits (at h = 2048, 12 bytes a sub-vector instead of 8 KB): see keep_topk.
+        self.register_buffer("topk_indices", None)
+        self.register_buffer("topk_weights", None)
         self._factors: dict[str, tuple[Tensor, Tensor]] | None = None
         self._cache_key: tuple[Any, ...] | None = None
         with torch.inference_mode(False):  # the order is saved for backward: no inference tensor
@@ -117,7 +122,39 @@ class AdapterBank(nn.Module):
 
     @property
     def num_subvectors(self) -> int:
-        return self.logits.shape[0]
+        return self._rows
+
+    # ------------------------------------------------------------------ selection
+    def keep_topk(self, indices: Tensor, weights: Tensor) -> None:
+        """Serve from a fixed selection, (P, k) indices and their (P, k) softmax weights, and drop
+        the (P, h) logits: for inference-only adapters (top-k checkpoints, compact files)."""
+        device = self.bank.device
+        self.topk_indices = indices.to(device, torch.long)
+        self.topk_weights = weights.to(device, self.bank.dtype)
+        self.logits = nn.Parameter(self.bank.new_empty(0, self.num_vectors), requires_grad=False)
+        self.inference_only = True
+        self.clear_cache()
+
+    def selection(self) -> tuple[Tensor, Tensor]:
+        """The (P, k) indices and (P, k) softmax weights that compose every sub-vector."""
+        if self.topk_indices is not None:
+            return self.topk_indices, self.topk_weights.float()
+        return VF.topk_compress(self.logits.detach(), self.topk)
+
+    def full_logits(self) -> Tensor:
+        """The (P, h) logits; for a selection-only adapter, logits that compose the same (log-weights,
+        -inf elsewhere), built on demand."""
+        if self.topk_indices is None:
+            return self.logits
+        return VF.logits_from_topk(*self.selection(), self.num_vectors).to(self.bank.device)
+
+    def subvectors(self, start: int = 0, end: int | None = None) -> Tensor:
+        """Rows ``start:end`` of the (P, b) sub-vector table in fp32, without autograd."""
+        with torch.no_grad():
+            if self.topk_indices is not None:
+                idx, w = self.topk_indices[start:end], self.topk_weights[start:end]
+                return VF.admixture_from_topk(idx, w.float(), self.bank.float())
+            return VF.topk_admixture(self.logits[start:end].float(), self.bank.float(), self.topk)
 
     def extra_repr(self) -> str:
         h, b = self.bank.shape
@@ -130,7 +167,14 @@ class AdapterBank(nn.Module):
         B is a transposed view of a rank-major block (no copy). The table is cut with one ``split``:
         slicing it per module would give every slice a dense (P, b) gradient in backward.
         """
-        sub = VF.topk_admixture(self.logits, self.bank, self.topk, self._order_on(self.logits.device))
+        order = self._order_on(self.bank.device)
+        if self.topk_indices is not None:
+            idx, w = self.topk_indices, self.topk_weights
+            if order is not None:
+                idx, w = idx[order], w[order]
+            sub = VF.admixture_from_topk(idx, w, self.bank)
+        else:
+            sub = VF.topk_admixture(self.logits, self.bank, self.topk, order)
         parts = sub.split(self._sizes)  # (P, b) -> per module (r * in/b, b) and (r * out/b, b)
         factors = {}
         for path, s in self.layout.items():
@@ -186,11 +230,11 @@ class AdapterBank(nn.Module):
     def delta_weight(self, path: str, fan_in_fan_out: bool = False) -> Tensor:
         """ΔW = B @ A of one module in fp32, computed without autograd."""
         s = self.layout[path]
+        sub = self.subvectors(s.a_offset, s.end)
+        a = VF.factor_a(sub[: s.a_rows], s.r, s.in_features)
+        b = VF.factor_b(sub[s.a_rows :], s.r, s.out_features)
         with torch.no_grad():
-            sub = VF.topk_admixture(self.logits[s.a_offset : s.end].float(), self.bank.float(), self.topk)
-            a = VF.factor_a(sub[: s.a_rows], s.r, s.in_features)
-            b = VF.factor_b(sub[s.a_rows :], s.r, s.out_features)
-        return VF.delta_weight(a, b, fan_in_fan_out)
+            return VF.delta_weight(a, b, fan_in_fan_out)
 
     # ------------------------------------------------------------------ copy / pickle
     def __getstate__(self) -> dict[str, Any]:

@@ -203,7 +203,7 @@ def _vblora_tensors(bank: AdapterBank, topk: bool) -> dict[str, Tensor]:
     from .model import _index_dtype
 
     out = {BANK_KEY: _full(bank.bank)}
-    table = _full(bank.logits)
+    table = _full(bank.full_logits())
     for path, slot in bank.layout.items():
         for factor, logits in zip("AB", _module_logits(table, slot)):
             key = f"{PREFIX}{path}.vblora_logits_{factor}"
@@ -665,7 +665,10 @@ def _install(model: VBLoRAModel, adapter_name: str, plan: _Plan) -> None:
     assert plan.bank is not None and plan.logits is not None
     with torch.no_grad():
         bank.bank.copy_(plan.bank)
-        bank.logits.copy_(plan.logits)
+        if plan.inference_only:  # keep the selection only, not the (P, h) table
+            bank.keep_topk(*VF.topk_compress(plan.logits, bank.topk))
+        else:
+            bank.logits.copy_(plan.logits)
         for path, state in plan.copies.items():
             wrapper = model.model.get_submodule(path)
             wrapper.modules_to_save[adapter_name].load_state_dict(state)
@@ -799,7 +802,7 @@ def save_compact(
         raise ValueError(f"bank_dtype must be torch.float32, float16, bfloat16 or int8, got {bank_dtype}")
     _adapter_names(model, adapter_name)
     bank = model.vblora_banks[adapter_name]
-    indices, weights = VF.topk_compress(bank.logits.detach(), bank.topk)  # (P, k) each
+    indices, weights = bank.selection()  # (P, k) each
     bits = _index_bits(bank.num_vectors)
     tensors = {
         **_stored_bank(bank.bank.detach(), bank_dtype),
@@ -1020,7 +1023,7 @@ def export_lora(model: VBLoRAModel, save_directory: StrPath, adapter_name: str =
     _adapter_names(model, adapter_name)
     config, bank = model.peft_config[adapter_name], model.vblora_banks[adapter_name]
     with torch.no_grad():
-        sub = VF.topk_admixture(bank.logits.float(), bank.bank.float(), bank.topk)  # (P, b)
+        sub = bank.subvectors()  # (P, b) in fp32
     tensors: dict[str, Tensor] = {}
     for path, s in bank.layout.items():
         tensors[f"{PREFIX}{path}.lora_A.weight"] = VF.factor_a(

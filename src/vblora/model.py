@@ -435,7 +435,7 @@ class VBLoRAModel(nn.Module):
             per_row = (config.topk - 1) + config.topk * index_bytes / 4
             vblora = int(bank.bank.numel() + bank.num_subvectors * per_row)
         else:
-            vblora = bank.bank.numel() + bank.logits.numel()
+            vblora = bank.bank.numel() + bank.num_subvectors * bank.num_vectors
         other = sum(
             p.numel()
             for w in self._save_wrappers()
