@@ -233,8 +233,7 @@ class AdapterBank(nn.Module):
         sub = self.subvectors(s.a_offset, s.end)
         a = VF.factor_a(sub[: s.a_rows], s.r, s.in_features)
         b = VF.factor_b(sub[s.a_rows :], s.r, s.out_features)
-        with torch.no_grad():
-            return VF.delta_weight(a, b, fan_in_fan_out)
+        return VF.delta_weight(a, b, fan_in_fan_out)  # no graph: the sub-vectors carry none
 
     # ------------------------------------------------------------------ copy / pickle
     def __getstate__(self) -> dict[str, Any]:

@@ -1022,8 +1022,7 @@ def export_lora(model: VBLoRAModel, save_directory: StrPath, adapter_name: str =
     """
     _adapter_names(model, adapter_name)
     config, bank = model.peft_config[adapter_name], model.vblora_banks[adapter_name]
-    with torch.no_grad():
-        sub = bank.subvectors()  # (P, b) in fp32
+    sub = bank.subvectors()  # (P, b) in fp32, without autograd
     tensors: dict[str, Tensor] = {}
     for path, s in bank.layout.items():
         tensors[f"{PREFIX}{path}.lora_A.weight"] = VF.factor_a(
