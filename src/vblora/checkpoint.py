@@ -658,7 +658,7 @@ def _refuse_training(source: object, adapter_name: str) -> ValueError:
 def _install(model: VBLoRAModel, adapter_name: str, plan: _Plan) -> None:
     """Add the planned adapter to ``model`` (already validated: nothing here can fail on data)."""
     if adapter_name not in model.peft_config:
-        model.add_adapter(adapter_name, plan.config)
+        model.add_adapter(adapter_name, plan.config, initialise=False)  # _install overwrites both
     bank = model.vblora_banks[adapter_name]
     if bank.layout != plan.layout:  # both come from the same targeting code; guard anyway
         raise RuntimeError(f"internal error: layout of adapter {adapter_name!r} differs from the plan")
@@ -741,7 +741,7 @@ def _wrap(
     with warnings.catch_warnings():
         # PEFT writes fan_in_fan_out to suit Conv1D; each layer's own layout is used regardless.
         warnings.filterwarnings("ignore", message="fan_in_fan_out=")
-        model = cls(base_model, plan.config, adapter_name)
+        model = cls(base_model, plan.config, adapter_name, initialise=False)  # _install fills it
     try:
         _install(model, adapter_name, plan)
     except BaseException:

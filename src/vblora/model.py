@@ -52,7 +52,14 @@ class VBLoRAModel(nn.Module):
         adapter_name: the first adapter's name.
     """
 
-    def __init__(self, model: nn.Module, config: VBLoRAConfig, adapter_name: str = "default") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: VBLoRAConfig,
+        adapter_name: str = "default",
+        *,
+        initialise: bool = True,
+    ) -> None:
         if isinstance(model, VBLoRAModel):
             raise TypeError("model is already a VBLoRAModel; use its add_adapter(name, config) instead")
         if any(isinstance(m, (VBLoRALayer, ModulesToSaveWrapper)) for m in model.modules()):
@@ -68,7 +75,7 @@ class VBLoRAModel(nn.Module):
         self._routed: tuple[str, ...] = ()  # adapters of the mixed batch in flight, if any
         for p in model.parameters():
             p.requires_grad_(False)
-        self.add_adapter(adapter_name, config)
+        self.add_adapter(adapter_name, config, initialise=initialise)
         self.set_adapter(adapter_name)
         self._hook = model.register_forward_pre_hook(self._refresh_banks)
 
@@ -159,8 +166,11 @@ class VBLoRAModel(nn.Module):
     def active_adapter(self) -> str | list[str]:
         return self._active[0] if len(self._active) == 1 else list(self._active)
 
-    def add_adapter(self, adapter_name: str, config: VBLoRAConfig) -> None:
+    def add_adapter(self, adapter_name: str, config: VBLoRAConfig, *, initialise: bool = True) -> None:
         """Inject a new adapter (inactive until :meth:`set_adapter`).
+
+        ``initialise=False`` leaves its bank and logits uninitialised, for a loader that overwrites
+        them (initialising a Llama-2-7B-shaped table costs more than loading it).
 
         Raises:
             ValueError: the name exists, a second adapter trains biases, no module matched, or a
@@ -187,6 +197,7 @@ class VBLoRAModel(nn.Module):
             config.init_vector_bank_bound,
             config.init_logits_std,
             device=device,
+            initialise=initialise,
         )
         bank.requires_grad_(False)
         for path in targets:
