@@ -359,6 +359,22 @@ def test_an_inference_only_adapter_keeps_its_selection_not_the_logits_table(base
     assert _rel(_out(served.merge_and_unload()), ref) <= 1e-5
 
 
+def test_a_directory_mixing_full_and_topk_modules_loads_as_inference_only(bases, tmp_path):
+    ours = _ours(bases["bert"], "bert")
+    ref = _out(ours)
+    ours.save_pretrained(tmp_path / "full", save_only_topk_weights=False)
+    ours.save_pretrained(tmp_path / "mixed", save_only_topk_weights=True)
+    full = load_file(tmp_path / "full" / ck.WEIGHTS_NAME)
+    mixed = load_file(tmp_path / "mixed" / ck.WEIGHTS_NAME)
+    key = next(k for k in full if k.endswith("vblora_logits_A"))  # one factor of one module in full
+    del mixed[key + "_topk_indices"], mixed[key + "_topk_weights"]
+    save_file({**mixed, key: full[key]}, tmp_path / "mixed" / ck.WEIGHTS_NAME)
+    served = VBLoRAModel.from_pretrained(copy.deepcopy(bases["bert"]), tmp_path / "mixed")
+    bank = served.vblora_banks["default"]
+    assert bank.inference_only and bank.logits.numel() == 0
+    assert _rel(_out(served), ref) <= 1e-6
+
+
 def test_missing_biases_of_old_peft_files_warn(bases, tmp_path):
     _ours(bases["bert"], "bert").save_pretrained(tmp_path)
     tensors = {

@@ -308,7 +308,8 @@ class _Plan:
     layout: dict[str, Slot]
     save_paths: list[str]
     bank: Tensor | None = None
-    logits: Tensor | None = None
+    logits: Tensor | None = None  # the (P, h) table; or, when every module stored top-k entries:
+    selection: tuple[Tensor, Tensor] | None = None  # (P, k) indices and (P, k) weights
     inference_only: bool = False
     copies: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # wrapper path -> state dict
     biases: dict[str, Tensor] = field(default_factory=dict)  # unwrapped parameter name -> value
@@ -439,10 +440,13 @@ def _topk_weights(plan: _Plan, name: str, indices: Tensor, partial: Tensor) -> T
     return torch.cat([partial, last.clamp_min(0.0)], dim=-1)
 
 
+Rows = Tensor | tuple[Tensor, Tensor]  # table rows: dense logits (n, h), or (n, k) indices and weights
+
+
 def _check_topk(
     plan: _Plan, name: str, indices: Tensor, weights: Tensor, lead: tuple[int, ...]
-) -> Tensor | None:
-    """Top-k indices (*lead, k) and weights (*lead, k-1) as dense table rows (n, h), or None."""
+) -> Rows | None:
+    """Top-k indices (*lead, k) and weights (*lead, k-1) as (n, k) indices and all k weights, or None."""
     k = plan.config.topk
     for suffix, tensor, width in (("_topk_indices", indices, k), ("_topk_weights", weights, k - 1)):
         if tuple(tensor.shape) != (*lead, width):
@@ -457,15 +461,15 @@ def _check_topk(
     if full is None:
         return None
     plan.inference_only = True
-    return VF.logits_from_topk(indices, full, plan.config.num_vectors)
+    return indices.long(), full
 
 
-def _module_rows(plan: _Plan, path: str, parts: dict[tuple[str, str], Tensor]) -> Tensor | None:
+def _module_rows(plan: _Plan, path: str, parts: dict[tuple[str, str], Tensor]) -> Rows | None:
     """The table rows (A rows, then B rows) of one module from its stored tensors."""
     slot = plan.layout[path]
     b = slot.vector_length
     leads = {"A": (slot.r, slot.in_features // b), "B": (slot.out_features // b, slot.r)}
-    blocks = []
+    blocks: list[Rows | None] = []
     for factor in "AB":
         name = f"{path}.vblora_logits_{factor}"
         full, indices, weights = (parts.get((factor, kind)) for kind in ("full", "indices", "weights"))
@@ -486,11 +490,24 @@ def _module_rows(plan: _Plan, path: str, parts: dict[tuple[str, str], Tensor]) -
         blocks.append(block)
     if any(block is None for block in blocks):
         return None
-    return torch.cat([block for block in blocks if block is not None])
+    return _cat_rows([block for block in blocks if block is not None], plan.config.num_vectors)
 
 
-def _assemble(plan: _Plan, rows: dict[str, Tensor | None]) -> None:
-    """Check the stored modules against the layout and build the (P, h) logits table."""
+def _cat_rows(blocks: list[Rows], num_vectors: int) -> Rows:
+    """Blocks of rows stacked: a selection if every block is one, else dense logits."""
+    if all(isinstance(b, tuple) for b in blocks):
+        return torch.cat([b[0] for b in blocks]), torch.cat([b[1] for b in blocks])
+    return torch.cat([_dense(b, num_vectors) for b in blocks])
+
+
+def _dense(rows: Rows, num_vectors: int) -> Tensor:
+    """Table rows as dense logits: a selection becomes log-weights, -inf elsewhere."""
+    return VF.logits_from_topk(*rows, num_vectors) if isinstance(rows, tuple) else rows
+
+
+def _assemble(plan: _Plan, rows: dict[str, Rows | None]) -> None:
+    """Check the stored modules against the layout and build the (P, k) selection when every module
+    stored top-k entries (no (P, h) table is ever built then), else the (P, h) logits table."""
     for path in plan.layout:
         if path not in rows:
             plan.problems.append(
@@ -503,12 +520,20 @@ def _assemble(plan: _Plan, rows: dict[str, Tensor | None]) -> None:
                 f"{path}: stored in the checkpoint but not targeted by the config in this model "
                 "(no such module, or excluded); it was saved for a different base model"
             )
-    total = max((s.end for s in plan.layout.values()), default=0)
-    table = torch.empty(total, plan.config.num_vectors)
-    for path, slot in plan.layout.items():
-        block = rows.get(path)
+    total, h = max((s.end for s in plan.layout.values()), default=0), plan.config.num_vectors
+    blocks = [(slot, rows.get(path)) for path, slot in plan.layout.items()]
+    if all(isinstance(block, tuple) for _, block in blocks):
+        indices = torch.zeros(total, plan.config.topk, dtype=torch.long)
+        weights = torch.zeros(total, plan.config.topk)
+        for slot, block in blocks:
+            assert isinstance(block, tuple)
+            indices[slot.a_offset : slot.end], weights[slot.a_offset : slot.end] = block
+        plan.selection = indices, weights
+        return
+    table = torch.empty(total, h)
+    for slot, block in blocks:
         if block is not None:
-            table[slot.a_offset : slot.end] = block
+            table[slot.a_offset : slot.end] = _dense(block, h)
     plan.logits = table
 
 
@@ -662,10 +687,12 @@ def _install(model: VBLoRAModel, adapter_name: str, plan: _Plan) -> None:
     bank = model.vblora_banks[adapter_name]
     if bank.layout != plan.layout:  # both come from the same targeting code; guard anyway
         raise RuntimeError(f"internal error: layout of adapter {adapter_name!r} differs from the plan")
-    assert plan.bank is not None and plan.logits is not None
+    assert plan.bank is not None and (plan.logits is not None or plan.selection is not None)
     with torch.no_grad():
         bank.bank.copy_(plan.bank)
-        if plan.inference_only:  # keep the selection only, not the (P, h) table
+        if plan.selection is not None:  # inference only: the selection, never a (P, h) table
+            bank.keep_topk(*plan.selection)
+        elif plan.inference_only:  # full logits with -inf entries: keep their selection only
             bank.keep_topk(*VF.topk_compress(plan.logits, bank.topk))
         else:
             bank.logits.copy_(plan.logits)
@@ -962,9 +989,8 @@ def _plan_compact(
     plan = _plan_targets(root, _config_of_header(metadata), name, existing)
     tensors = dict(tensors)
     stored, selection = _check_compact_contents(plan, tensors, metadata)
-    table = None if selection is None else VF.logits_from_topk(*selection, plan.config.num_vectors)
     plan.inference_only = True
-    rows: dict[str, Tensor | None] = {}
+    rows: dict[str, Rows | None] = {}
     for path, slot in stored.items():
         target = plan.layout.get(path)
         fits = target is not None and (target.in_features, target.out_features) == (
@@ -977,7 +1003,13 @@ def _plan_compact(
                 f"model's is {target.in_features} -> {target.out_features}; the file belongs to a "
                 "different base model"
             )
-        rows[path] = table[slot.a_offset : slot.end] if table is not None and fits else None
+        if selection is not None and fits:
+            rows[path] = (
+                selection[0][slot.a_offset : slot.end].long(),
+                selection[1][slot.a_offset : slot.end],
+            )
+        else:
+            rows[path] = None
     _assemble(plan, rows)
     _plan_aux(plan, root, _strip_prefix(plan, tensors))
     return plan
