@@ -272,6 +272,28 @@ def test_full_checkpoint_resumes_training_exactly(bases, tmp_path):
         assert step(ours, opts[0]) == step(resumed, opts[1])
 
 
+def test_inference_loads_stay_frozen_when_activated(bases, tmp_path):
+    _ours(bases["bert"], "bert", bias="none").save_pretrained(tmp_path)
+
+    def trainable(model: VBLoRAModel) -> set[str]:
+        return {n for n, p in model.named_parameters() if p.requires_grad}
+
+    model = VBLoRAModel.from_pretrained(copy.deepcopy(bases["bert"]), tmp_path)  # full logits
+    model.load_adapter(tmp_path, "b")  # loading another adapter does not unfreeze the active one
+    assert trainable(model) == set()
+    model.set_adapter("b")  # nor does activating one loaded for inference (PEFT's would train it)
+    assert trainable(model) == set()
+    model.load_adapter(tmp_path, "c", is_trainable=True)
+    assert trainable(model) == set()  # inactive until set_adapter
+    model.set_adapter("c")
+    copy_ = "model.classifier.modules_to_save.c"
+    assert trainable(model) == {
+        "vblora_banks.c.bank", "vblora_banks.c.logits", f"{copy_}.weight", f"{copy_}.bias"
+    }  # fmt: skip
+    model.set_adapter("default")
+    assert trainable(model) == set()
+
+
 def _snapshot(model: nn.Module) -> tuple:
     state = {k: v.clone() for k, v in model.state_dict().items()}
     flags = [(n, p.requires_grad) for n, p in model.named_parameters()]

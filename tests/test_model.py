@@ -495,6 +495,41 @@ def test_wrapping_an_adapted_model_again_is_refused_and_changes_nothing() -> Non
     assert len(layers(again)) == 3
 
 
+def test_set_adapter_moves_trainability_with_the_heads() -> None:
+    model, _ = build("bert")
+    cfg = dataclasses.replace(CONFIGS["bert"], bias="none")
+    for name in ("b", "c"):
+        model.add_adapter(name, cfg)
+
+    def trainable() -> set[str]:
+        return {n for n, p in model.named_parameters() if p.requires_grad}
+
+    def owned(name: str) -> set[str]:
+        head = f"model.classifier.modules_to_save.{name}"
+        return {f"vblora_banks.{name}.bank", f"vblora_banks.{name}.logits", f"{head}.weight", f"{head}.bias"}
+
+    assert trainable() == owned("default")  # adding adapters leaves them frozen
+    for name in ("c", "b", "b", "default", "c"):
+        model.set_adapter(name)
+        assert trainable() == owned(name)
+    model.delete_adapter("c")  # the first remaining adapter becomes active
+    assert trainable() == owned("default")
+
+
+def test_a_module_to_save_holding_another_adapters_layers_is_refused() -> None:
+    model, inputs = build("llama")  # all-linear: the MLP blocks hold adapted layers
+    before = run(model, inputs)
+    targeted = [layer.path for layer in layers(model)]
+    cfg = VBLoRAConfig(
+        num_vectors=8, vector_length=16, target_modules=["q_proj"], modules_to_save=["layers.1.mlp"]
+    )
+    # Its trainable copy would hold copies of the first adapter's layers (and of their bank).
+    with pytest.raises(ValueError, match=r"'model.layers.1.mlp' contains modules that other adapters"):
+        model.add_adapter("b", cfg)
+    assert list(model.peft_config) == ["default"] and [layer.path for layer in layers(model)] == targeted
+    torch.testing.assert_close(run(model, inputs), before, atol=0, rtol=0)
+
+
 def test_config_is_not_mutated_by_injection() -> None:
     cfg = VBLoRAConfig(num_vectors=8, vector_length=16, target_modules=["c_attn"])
     snapshot = dataclasses.asdict(cfg)

@@ -107,3 +107,38 @@ def test_mixed_batch_errors() -> None:
     model.merge_adapter(["a"])
     with pytest.raises(ValueError, match="unmerged"):
         model(**inputs, adapter_names=["a", "b"])
+
+
+def test_cache_keeps_the_factors_of_at_most_max_cached_adapters() -> None:
+    model = llama_with_adapters()
+    for name in ("d", "e"):
+        model.add_adapter(name, dataclasses.replace(CFG, r=3))
+    model.eval()
+    inputs = model_inputs("llama", batch=3)
+    reference = {}
+    model.max_cached_adapters = None  # unbounded: every adapter used keeps its factors
+    for names in (["a", "b", "c"], ["d", "e", "a"]):
+        with torch.no_grad():
+            reference[tuple(names)] = output_tensor(model(**inputs, adapter_names=names))
+    assert all(bank._factors is not None for bank in model.vblora_banks.values())
+
+    def cached() -> set[str]:
+        return {n for n, bank in model.vblora_banks.items() if bank._factors is not None}
+
+    model.max_cached_adapters = 2  # lowering the limit evicts at once, least recently used first
+    assert cached() == {"e", "a"}
+    for names in (["a", "b", "c"], ["d", "e", "a"], ["a", "b", "c"]):
+        with torch.no_grad():
+            out = output_tensor(model(**inputs, adapter_names=names))
+        assert cached() == set(names)  # the pass in flight keeps its three, beyond the limit
+        torch.testing.assert_close(out, reference[tuple(names)], atol=0, rtol=0)
+    with torch.no_grad():
+        model(**inputs)  # the active adapter alone: the two most recent stay
+    assert cached() == {"a", "c"} and model.active_adapters == ["a"]
+    model.delete_adapter("c")
+    model.max_cached_adapters = 1
+    assert cached() == {"a"}
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="max_cached_adapters must be a positive int or None"):
+            model.max_cached_adapters = bad
+    assert model.max_cached_adapters == 1

@@ -680,10 +680,10 @@ def _refuse_training(source: object, adapter_name: str) -> ValueError:
     )
 
 
-def _install(model: VBLoRAModel, adapter_name: str, plan: _Plan) -> None:
+def _install(model: VBLoRAModel, adapter_name: str, plan: _Plan, trainable: bool) -> None:
     """Add the planned adapter to ``model`` (already validated: nothing here can fail on data)."""
-    if adapter_name not in model.peft_config:
-        model.add_adapter(adapter_name, plan.config, initialise=False)  # _install overwrites both
+    if adapter_name not in model.peft_config:  # uninitialised: overwritten below
+        model.add_adapter(adapter_name, plan.config, initialise=False, trainable=trainable)
     bank = model.vblora_banks[adapter_name]
     if bank.layout != plan.layout:  # both come from the same targeting code; guard anyway
         raise RuntimeError(f"internal error: layout of adapter {adapter_name!r} differs from the plan")
@@ -706,10 +706,10 @@ def _install(model: VBLoRAModel, adapter_name: str, plan: _Plan) -> None:
     bank.clear_cache()
 
 
-def _add_or_roll_back(model: VBLoRAModel, adapter_name: str, plan: _Plan) -> None:
+def _add_or_roll_back(model: VBLoRAModel, adapter_name: str, plan: _Plan, trainable: bool) -> None:
     """:func:`_install` into an existing model; on any failure the half-added adapter is removed."""
     try:
-        _install(model, adapter_name, plan)
+        _install(model, adapter_name, plan, trainable)
     except BaseException:
         if adapter_name in model.peft_config:
             model.delete_adapter(adapter_name)
@@ -731,7 +731,7 @@ def load_adapter(model: VBLoRAModel, path: StrPath, adapter_name: str, is_traina
     plan.fail_if_problems(folder, adapter_name)
     if is_trainable and plan.inference_only:
         raise _refuse_training(folder, adapter_name)
-    _add_or_roll_back(model, adapter_name, plan)
+    _add_or_roll_back(model, adapter_name, plan, is_trainable)
     if not is_trainable:
         model.eval()  # as PEFT: an inference load disables dropout
 
@@ -768,9 +768,10 @@ def _wrap(
     with warnings.catch_warnings():
         # PEFT writes fan_in_fan_out to suit Conv1D; each layer's own layout is used regardless.
         warnings.filterwarnings("ignore", message="fan_in_fan_out=")
-        model = cls(base_model, plan.config, adapter_name, initialise=False)  # _install fills it
+        # Uninitialised (_install fills it); an inference load stays frozen, even when set active.
+        model = cls(base_model, plan.config, adapter_name, initialise=False, trainable=is_trainable)
     try:
-        _install(model, adapter_name, plan)
+        _install(model, adapter_name, plan, is_trainable)
     except BaseException:
         model.unload()
         raise
@@ -1038,7 +1039,7 @@ def load_compact(base: nn.Module, path: StrPath, adapter_name: str = "default") 
     plan.fail_if_problems(source, adapter_name)
     if not isinstance(base, VBLoRAModel):
         return _wrap(VBLoRAModel, base, adapter_name, plan, is_trainable=False)
-    _add_or_roll_back(base, adapter_name, plan)
+    _add_or_roll_back(base, adapter_name, plan, trainable=False)
     return base
 
 

@@ -20,7 +20,7 @@ from .bank import AdapterBank, build_layout
 from .config import VBLoRAConfig
 from .layer import ModulesToSaveWrapper, VBLoRALayer, layer_features
 from .serving import BASE_ADAPTER, RowRouting
-from .targeting import find_modules_to_save, find_targets
+from .targeting import find_modules_to_save, find_targets, walk_modules
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -59,6 +59,7 @@ class VBLoRAModel(nn.Module):
         adapter_name: str = "default",
         *,
         initialise: bool = True,
+        trainable: bool = True,
     ) -> None:
         if isinstance(model, VBLoRAModel):
             raise TypeError("model is already a VBLoRAModel; use its add_adapter(name, config) instead")
@@ -73,9 +74,12 @@ class VBLoRAModel(nn.Module):
         self.vblora_banks = nn.ModuleDict()
         self._active: tuple[str, ...] = ()
         self._routed: tuple[str, ...] = ()  # adapters of the mixed batch in flight, if any
+        self._frozen: set[str] = set()  # adapters loaded for inference: never made trainable
+        self._recent: dict[str, None] = {}  # adapters with composed factors, least recent first
+        self._max_cached = 8
         for p in model.parameters():
             p.requires_grad_(False)
-        self.add_adapter(adapter_name, config, initialise=initialise)
+        self.add_adapter(adapter_name, config, initialise=initialise, trainable=trainable)
         self.set_adapter(adapter_name)
         self._hook = model.register_forward_pre_hook(self._refresh_banks)
 
@@ -142,18 +146,54 @@ class VBLoRAModel(nn.Module):
     def config(self) -> Any:
         return getattr(self.model, "config", None)
 
+    @property
+    def max_cached_adapters(self) -> int | None:
+        """How many adapters keep their composed factors between forward passes (None: all).
+
+        In inference each adapter's A and B are composed once and reused until its parameters
+        change; the cache is as large as a plain LoRA adapter in fp32 (about 40 MB for a
+        Llama-2-7B-shaped one). When more adapters than this have been used, the least recently used
+        lose their factors and compose again when next used. The adapters of the pass in flight are
+        always kept. Default 8.
+        """
+        return self._max_cached
+
+    @max_cached_adapters.setter
+    def max_cached_adapters(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"max_cached_adapters must be a positive int or None, got {value!r}")
+        self._max_cached = value
+        self._evict(keep=())
+
     def _refresh_banks(self, *_: Any) -> None:
-        for name in dict.fromkeys(self._routed or self._active):
+        names = tuple(dict.fromkeys(self._routed or self._active))
+        for name in names:
             self.vblora_banks[name].refresh()
+            self._recent.pop(name, None)
+            self._recent[name] = None  # most recent last
+        self._evict(keep=names)
+
+    def _evict(self, keep: tuple[str, ...]) -> None:
+        """Drop the composed factors of the least recently used adapters beyond the limit."""
+        if self._max_cached is None:
+            return
+        for name in list(self._recent):
+            if len(self._recent) <= self._max_cached:
+                break
+            if name not in keep:
+                del self._recent[name]
+                self.vblora_banks[name].clear_cache()
 
     # ------------------------------------------------------------------ iteration helpers
     def vblora_layers(self) -> Iterator[VBLoRALayer]:
-        for module in self.model.modules():
+        for _, module in walk_modules(self.model, with_save_wrappers=True):
             if isinstance(module, VBLoRALayer):
                 yield module
 
     def _save_wrappers(self) -> Iterator[ModulesToSaveWrapper]:
-        for module in self.model.modules():
+        # Not walking into the wrappers: with a head copy per adapter, thousands of adapters would
+        # make every walk (and so every load) grow with the number of adapters.
+        for _, module in walk_modules(self.model, with_save_wrappers=True):
             if isinstance(module, ModulesToSaveWrapper):
                 yield module
 
@@ -166,11 +206,14 @@ class VBLoRAModel(nn.Module):
     def active_adapter(self) -> str | list[str]:
         return self._active[0] if len(self._active) == 1 else list(self._active)
 
-    def add_adapter(self, adapter_name: str, config: VBLoRAConfig, *, initialise: bool = True) -> None:
+    def add_adapter(
+        self, adapter_name: str, config: VBLoRAConfig, *, initialise: bool = True, trainable: bool = True
+    ) -> None:
         """Inject a new adapter (inactive until :meth:`set_adapter`).
 
         ``initialise=False`` leaves its bank and logits uninitialised, for a loader that overwrites
         them (initialising a Llama-2-7B-shaped table costs more than loading it).
+        ``trainable=False`` keeps the adapter frozen when it is active (an inference load).
 
         Raises:
             ValueError: the name exists, a second adapter trains biases, no module matched, or a
@@ -185,6 +228,7 @@ class VBLoRAModel(nn.Module):
         if config.bias != "none" and any(c.bias != "none" for c in self.peft_config.values()):
             raise ValueError("only one adapter may train biases (bias != 'none')")
         save_paths = find_modules_to_save(self.model, config.modules_to_save or ())
+        self._check_save_paths(save_paths)
         targets = find_targets(self.model, config, exclude=save_paths)
         shapes = self._check_shapes(targets, config)
         device = self._device_of(targets[0])
@@ -217,8 +261,28 @@ class VBLoRAModel(nn.Module):
             wrapper.modules_to_save[adapter_name].requires_grad_(False)
         self.vblora_banks[adapter_name] = bank
         self.peft_config[adapter_name] = config
+        if not trainable:
+            self._frozen.add(adapter_name)
         if self._active:
             self.set_adapter(list(self._active))
+
+    def _check_save_paths(self, save_paths: list[str]) -> None:
+        """A module to save must not hold other adapters' layers: its copies would hold copies of them."""
+        for path in save_paths:
+            module = self.model.get_submodule(path)
+            if isinstance(module, ModulesToSaveWrapper):
+                continue  # another adapter saves it too: it holds no adapter layer (checked then)
+            inner = [
+                f"{path}.{name}"
+                for name, m in module.named_modules()
+                if isinstance(m, (VBLoRALayer, ModulesToSaveWrapper))
+            ]
+            if inner:
+                raise ValueError(
+                    f"modules_to_save {path!r} contains modules that other adapters adapt or save "
+                    f"({inner[0]}); a trainable copy of it would copy them too. Save a smaller module, "
+                    "or leave those modules out of the other adapters"
+                )
 
     def _check_shapes(self, targets: list[str], config: VBLoRAConfig) -> list[tuple[str, int, int]]:
         b = config.vector_length
@@ -255,18 +319,31 @@ class VBLoRAModel(nn.Module):
         if missing or not names:
             raise ValueError(f"unknown adapter(s) {missing or names}; existing: {list(self.peft_config)}")
         self._check_save_conflicts(names)
-        self._active = names
+        previous, self._active = self._active, names
         for layer in self.vblora_layers():
             layer.active_adapters = tuple(n for n in names if n in layer.banks)
+        # Inactive adapters are frozen already: only the previous and the new active ones change,
+        # so switching costs the same with thousands of adapters loaded as with two.
         for wrapper in self._save_wrappers():
+            old = wrapper.active_adapter
             wrapper.set_active(names)
-            for name, module in wrapper.modules_to_save.items():
-                module.requires_grad_(name == wrapper.active_adapter)
-        for name, bank in self.vblora_banks.items():  # its two tensors: no module walk per bank
-            trainable = name in names and not bank.inference_only
-            bank.bank.requires_grad_(trainable)
-            bank.logits.requires_grad_(trainable)
-        self._set_bias_trainable(names)
+            if old is not None and old in wrapper.modules_to_save:
+                wrapper.modules_to_save[old].requires_grad_(False)
+            new = wrapper.active_adapter
+            if new is not None:
+                wrapper.modules_to_save[new].requires_grad_(self._trainable(new))
+        for name in dict.fromkeys((*previous, *names)):
+            if name in self.vblora_banks:
+                bank = self.vblora_banks[name]
+                trainable = name in names and self._trainable(name)
+                bank.bank.requires_grad_(trainable)
+                bank.logits.requires_grad_(trainable)
+        self._set_bias_trainable(tuple(n for n in names if self._trainable(n)))
+
+    def _trainable(self, name: str) -> bool:
+        """Whether adapter ``name`` trains when active: not a top-k (selection-only) adapter, and
+        not one loaded for inference (``is_trainable=False``)."""
+        return name not in self._frozen and not self.vblora_banks[name].inference_only
 
     def _check_save_conflicts(self, names: tuple[str, ...]) -> None:
         for wrapper in self._save_wrappers():
@@ -316,6 +393,8 @@ class VBLoRAModel(nn.Module):
         self._drop_empty_save_wrappers()
         del self.vblora_banks[adapter_name]
         del self.peft_config[adapter_name]
+        self._frozen.discard(adapter_name)
+        self._recent.pop(adapter_name, None)
         remaining = [n for n in self._active if n != adapter_name]
         if not remaining and self.peft_config:
             remaining = [next(iter(self.peft_config))]
@@ -324,7 +403,7 @@ class VBLoRAModel(nn.Module):
             self.set_adapter(remaining)
 
     def _drop_empty_save_wrappers(self) -> None:
-        for path, module in list(self.model.named_modules()):
+        for path, module in list(walk_modules(self.model, with_save_wrappers=True)):
             if isinstance(module, ModulesToSaveWrapper) and not module.modules_to_save:
                 _set_submodule(self.model, path, module.original_module)
 
@@ -410,7 +489,7 @@ class VBLoRAModel(nn.Module):
     def _unwrap(self, keep_trained_copies: bool) -> nn.Module:
         for layer in list(self.vblora_layers()):
             _set_submodule(self.model, layer.path, layer.base_layer)
-        for path, wrapper in list(self.model.named_modules()):
+        for path, wrapper in list(walk_modules(self.model, with_save_wrappers=True)):
             if isinstance(wrapper, ModulesToSaveWrapper):
                 active = wrapper.active_adapter
                 use_copy = keep_trained_copies and active is not None

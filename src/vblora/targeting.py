@@ -94,7 +94,7 @@ def default_targets(model: nn.Module) -> tuple[str, ...]:
     )
 
 
-def _candidates(model: nn.Module, with_save_wrappers: bool = False) -> Iterator[tuple[str, nn.Module]]:
+def walk_modules(model: nn.Module, with_save_wrappers: bool = False) -> Iterator[tuple[str, nn.Module]]:
     """Named modules in ``named_modules`` order, not descending into adapter wrappers (their base
     layer or trainable copies), so a model with many adapters is walked as fast as one with one."""
     seen = {id(model)}
@@ -125,7 +125,7 @@ def find_targets(model: nn.Module, config: VBLoRAConfig, exclude: Sequence[str] 
     rule = config.target_modules if config.target_modules is not None else default_targets(model)
     head = _output_head(model, config.task_type) if rule == ALL_LINEAR else None
     found: list[str] = []
-    for path, module in _candidates(model):
+    for path, module in walk_modules(model):
         if any(path == e or path.startswith(e + ".") for e in exclude):
             continue
         if rule == ALL_LINEAR:
@@ -144,7 +144,7 @@ def find_targets(model: nn.Module, config: VBLoRAConfig, exclude: Sequence[str] 
             )
         found.append(path)
     if not found:
-        names = [p for p, m in _candidates(model) if is_supported(m) or isinstance(m, VBLoRALayer)][:12]
+        names = [p for p, m in walk_modules(model) if is_supported(m) or isinstance(m, VBLoRALayer)][:12]
         raise ValueError(
             f"target_modules {rule!r} matched no module of {type(model).__name__}; "
             f"some of its linear layers: {names}"
@@ -161,7 +161,7 @@ def _in_layers(path: str, config: VBLoRAConfig) -> bool:
 
 def find_modules_to_save(model: nn.Module, names: str | tuple[str, ...]) -> list[str]:
     """Paths of the modules named (exactly or by suffix, or by a regex) in ``modules_to_save``."""
-    found = [path for path, _ in _candidates(model, with_save_wrappers=True) if _matches(path, names)]
+    found = [path for path, _ in walk_modules(model, with_save_wrappers=True) if _matches(path, names)]
     if names and not found:  # a typo would otherwise leave the head untrained and unsaved, silently
         children = [name for name, _ in model.named_children()]
         shown = list(names) if isinstance(names, tuple) else repr(names)
