@@ -105,6 +105,62 @@ def test_layers_to_transform_and_pattern() -> None:
     assert adapted(model.model) == ["transformer.h.0.attn.c_attn"]
 
 
+class _Stages(nn.Module):
+    """Layers under a name none of the usual patterns knows (``enc.stages.N``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Module()
+        self.enc.stages = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16)) for _ in range(3))
+        self.out = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for stage in self.enc.stages:
+            x = stage(x)
+        return self.out(x)
+
+
+def _peft_targets(model: nn.Module, **settings) -> tuple[list[str], list[str]]:
+    """(adapted layers, modules_to_save wrappers) of PEFT's VB-LoRA for the same settings."""
+    from peft import VBLoRAConfig as PeftVBLoRAConfig
+    from peft import get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import ModulesToSaveWrapper as PeftWrapper
+
+    theirs = get_peft_model(model, PeftVBLoRAConfig(**settings)).base_model.model
+    layers = [n for n, m in theirs.named_modules() if isinstance(m, BaseTunerLayer)]
+    return layers, [n for n, m in theirs.named_modules() if isinstance(m, PeftWrapper)]
+
+
+@pytest.mark.parametrize(
+    "build, settings",
+    [
+        (tiny_llama, dict(target_modules=["q_proj", "lm_head"], layers_to_transform=[0])),  # a full name
+        (tiny_llama, dict(target_modules=["q_proj", "v_proj"], layers_to_transform=1)),
+        (tiny_gpt2, dict(target_modules=["c_attn"], layers_to_transform=[0], layers_pattern="h")),
+        (_Stages, dict(target_modules=["0", "1"], layers_to_transform=[1])),  # any <name>.<index>.
+        (tiny_llama, dict(target_modules=["q_proj"], modules_to_save=["norm"])),  # a plain suffix
+        (tiny_bert, dict(target_modules=["query"], modules_to_save=["classifier", "score"])),
+    ],
+    ids=["full-name", "int-layer", "pattern", "any-name", "save-suffix", "save-one-of-two"],
+)
+def test_layer_filter_and_modules_to_save_select_what_peft_selects(build, settings) -> None:
+    """The same settings adapt and save the same modules in both libraries, so their checkpoints
+    load in each other (PEFT's rules, including its quirks: ``"norm"`` saves ``input_layernorm``)."""
+    settings = {"vector_length": 16, "num_vectors": 8, **settings}
+    torch.manual_seed(0)
+    ours = get_vblora_model(build(), VBLoRAConfig(**settings)).model
+    saved = [n for n, m in ours.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    assert (adapted(ours), saved) == _peft_targets(build(), **settings)
+
+
+def test_filters_that_leave_no_module_say_so() -> None:
+    with pytest.raises(ValueError, match=r"matched 4 module\(s\).*layers_to_transform=5 .*left none"):
+        get_vblora_model(tiny_llama(), cfg(target_modules=["q_proj", "v_proj"], layers_to_transform=5))
+    with pytest.raises(ValueError, match=r"exclude_modules=\('q_proj',\).*left none"):
+        get_vblora_model(tiny_llama(), cfg(target_modules=["q_proj"], exclude_modules=["q_proj"]))
+
+
 @pytest.mark.parametrize(
     ("builder", "expected"),
     [

@@ -5,7 +5,8 @@
 - ``"all-linear"`` takes every linear layer except the output head (with ``task_type="SEQ_CLS"``,
   the ``score`` or ``classifier`` head);
 - ``exclude_modules`` uses the same rules; ``layers_to_transform``/``layers_pattern`` filter by
-  the layer index found in the path.
+  the layer index found in the path, except for a module named by its full path;
+- ``modules_to_save`` names match as plain suffixes (PEFT's rule: ``"norm"`` takes ``input_layernorm``).
 """
 
 from __future__ import annotations
@@ -48,8 +49,6 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "deberta": ("in_proj",),
 }
 
-_DEFAULT_LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
-
 
 def _matches(path: str, rule: str | tuple[str, ...]) -> bool:
     if isinstance(rule, str):
@@ -58,12 +57,16 @@ def _matches(path: str, rule: str | tuple[str, ...]) -> bool:
 
 
 def _layer_index(path: str, patterns: str | tuple[str, ...] | None) -> int | None:
-    names = (patterns,) if isinstance(patterns, str) else (patterns or _DEFAULT_LAYER_PATTERNS)
-    for name in names:
-        match = re.match(rf"(?:.*\.)?{re.escape(name)}\.(\d+)(?:\.|$)", path)
-        if match:
-            return int(match.group(1))
-    return None
+    """PEFT's rule: the first ``<name>.<index>.`` in the path, with ``name`` any module name, or one
+    of ``patterns``. (PEFT also needs a dot before the name; a root-level list such as
+    ``layers.0.q`` finds nothing there and is accepted here.)"""
+    if not patterns:
+        match = re.match(r"(?:^|.*?\.)[^.]*\.(\d+)\.", path)
+    else:
+        names = (patterns,) if isinstance(patterns, str) else patterns
+        found = (re.match(rf"(?:^|.*?\.){re.escape(name)}\.(\d+)\.", path) for name in names)
+        match = next((m for m in found if m is not None), None)
+    return int(match.group(1)) if match else None
 
 
 SEQ_CLS_HEAD_NAMES = ("score", "classifier")  # PEFT's names for a sequence classifier's head
@@ -125,6 +128,7 @@ def find_targets(model: nn.Module, config: VBLoRAConfig, exclude: Sequence[str] 
     rule = config.target_modules if config.target_modules is not None else default_targets(model)
     head = _output_head(model, config.task_type) if rule == ALL_LINEAR else None
     found: list[str] = []
+    matched = 0  # before exclude_modules and the layer filter, for the error message
     for path, module in walk_modules(model):
         if any(path == e or path.startswith(e + ".") for e in exclude):
             continue
@@ -133,9 +137,11 @@ def find_targets(model: nn.Module, config: VBLoRAConfig, exclude: Sequence[str] 
                 continue
         elif not _matches(path, rule):
             continue
+        matched += 1
         if config.exclude_modules is not None and _matches(path, config.exclude_modules):
             continue
-        if config.layers_to_transform is not None and not _in_layers(path, config):
+        named_in_full = isinstance(rule, tuple) and path in rule  # PEFT: kept whatever the layers
+        if config.layers_to_transform is not None and not named_in_full and not _in_layers(path, config):
             continue
         if not (is_supported(module) or isinstance(module, VBLoRALayer)):
             raise TypeError(
@@ -143,6 +149,13 @@ def find_targets(model: nn.Module, config: VBLoRAConfig, exclude: Sequence[str] 
                 "(or transformers Conv1D), e.g. the attention projections"
             )
         found.append(path)
+    if not found and matched:
+        raise ValueError(
+            f"target_modules {rule!r} matched {matched} module(s) of {type(model).__name__}, but "
+            f"exclude_modules={config.exclude_modules!r}, layers_to_transform="
+            f"{config.layers_to_transform!r} and layers_pattern={config.layers_pattern!r} left none; "
+            "loosen those filters"
+        )
     if not found:
         names = [p for p, m in walk_modules(model) if is_supported(m) or isinstance(m, VBLoRALayer)][:12]
         raise ValueError(
@@ -159,9 +172,17 @@ def _in_layers(path: str, config: VBLoRAConfig) -> bool:
     return index is not None and index in (wanted or ())
 
 
+def _save_match(path: str, names: str | tuple[str, ...]) -> bool:
+    """PEFT's rule for ``modules_to_save``: the path ends with a name (a plain string suffix, so
+    ``"norm"`` also takes ``input_layernorm``); a single string is a regex over the full path."""
+    if isinstance(names, str):
+        return re.fullmatch(names, path) is not None
+    return any(path.endswith(name) for name in names)
+
+
 def find_modules_to_save(model: nn.Module, names: str | tuple[str, ...]) -> list[str]:
-    """Paths of the modules named (exactly or by suffix, or by a regex) in ``modules_to_save``."""
-    found = [path for path, _ in walk_modules(model, with_save_wrappers=True) if _matches(path, names)]
+    """Paths of the modules named (by PEFT's suffix rule, or by a regex) in ``modules_to_save``."""
+    found = [path for path, _ in walk_modules(model, with_save_wrappers=True) if _save_match(path, names)]
     if names and not found:  # a typo would otherwise leave the head untrained and unsaved, silently
         children = [name for name, _ in model.named_children()]
         shown = list(names) if isinstance(names, tuple) else repr(names)
