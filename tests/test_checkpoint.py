@@ -341,6 +341,17 @@ def test_half_precision_topk_weights_load(bases, tmp_path, dtype):
     assert 0 < _rel(_out(loaded), ref) <= 1e-2
 
 
+def test_a_half_precision_model_saves_topk_weights_peft_can_load(bases, tmp_path):
+    ours = _ours(bases["llama"], "llama").to(torch.bfloat16)  # the whole model cast, adapter too
+    ours.save_pretrained(tmp_path, save_only_topk_weights=True)
+    weights = [
+        v.dtype for k, v in load_file(tmp_path / ck.WEIGHTS_NAME).items() if k.endswith("_topk_weights")
+    ]
+    assert weights and set(weights) == {torch.float32}  # PEFT scatters them into an fp32 table
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(bases["llama"]).to(torch.bfloat16), tmp_path)
+    assert _rel(_out(theirs.eval()).float(), _out(ours).float()) <= 1e-2
+
+
 def test_merge_after_topk_load(bases, tmp_path):
     ours = _ours(bases["gpt2"], "gpt2")
     ref = _out(ours)

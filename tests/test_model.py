@@ -260,6 +260,37 @@ def test_inference_cache_is_reused_and_invalidated() -> None:
     torch.testing.assert_close(run(model, inputs), changed)
     model.merge_adapter()
     torch.testing.assert_close(run(model, inputs), changed, atol=1e-5, rtol=0)
+    model.unmerge_adapter()
+    bank.keep_topk(*bank.selection())  # an inference-only adapter: its selection buffers count too
+    kept = run(model, inputs)
+    with torch.no_grad():
+        bank.topk_weights.mul_(0.5)  # e.g. load_state_dict
+    halved = run(model, inputs)
+    bank.clear_cache()
+    torch.testing.assert_close(run(model, inputs), halved, atol=0, rtol=0)
+    assert not torch.allclose(halved, kept)
+
+
+def test_a_submodule_called_directly_gets_current_factors() -> None:
+    """generate() on an encoder-decoder runs the encoder itself, not through the model's forward
+    (which composes once per pass): the encoder still sees every change, and a graph when needed."""
+    model = get_vblora_model(BUILDERS["t5"](), dataclasses.replace(CONFIGS["t5"], **BIG)).eval()
+    encoder = model.model.get_encoder()
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+
+    def encode(m: nn.Module) -> torch.Tensor:
+        return m.model.get_encoder()(input_ids=ids).last_hidden_state
+
+    with torch.no_grad():
+        model.generate(input_ids=ids, max_new_tokens=2)  # composes and caches
+        model.vblora_banks["default"].bank.mul_(3.0)  # an optimizer step would do the same
+        reference = get_vblora_model(BUILDERS["t5"](), dataclasses.replace(CONFIGS["t5"], **BIG)).eval()
+        reference.load_state_dict(model.state_dict())
+        torch.testing.assert_close(encode(model), encode(reference), atol=0, rtol=0)
+        kwargs = {"input_ids": ids, "max_new_tokens": 3, "do_sample": False}
+        assert model.generate(**kwargs).equal(reference.generate(**kwargs))
+    encoder(input_ids=ids).last_hidden_state.square().sum().backward()  # after no-grad use
+    assert model.vblora_banks["default"].logits.grad.abs().sum() > 0
 
 
 def test_generate_matches_step_by_step_argmax() -> None:
@@ -366,6 +397,18 @@ def test_bias_options(bias: str) -> None:
             "b", VBLoRAConfig(vector_length=2, num_vectors=4, target_modules=["lin1"], bias="all")
         )
 
+    def biases() -> set[int]:  # by identity: wrapping lin1 below renames its bias
+        return {id(p) for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")}
+
+    first = biases()
+    model.add_adapter("b", VBLoRAConfig(vector_length=2, num_vectors=4, target_modules=["lin1"]))
+    model.set_adapter("b")  # the biases train only while their adapter is active
+    assert biases() == set()
+    model.set_adapter(["b", "default"])
+    assert biases() == first
+    model.delete_adapter("default")  # deleted: its biases stay in the base model, frozen
+    assert biases() == set() and model.active_adapters == ["b"]
+
 
 def test_savable_parameters_count_one_adapter_only() -> None:
     cfg = VBLoRAConfig(r=4, vector_length=2, num_vectors=10, target_modules=["lin0", "lin1"], topk=2)
@@ -434,6 +477,27 @@ def test_safe_merge_refuses_non_finite_and_changes_nothing() -> None:
     assert all(torch.equal(before[k], v) for k, v in model.model.state_dict().items())
 
 
+def test_merging_into_a_tied_weight_is_refused_and_changes_nothing() -> None:
+    from transformers import LlamaForCausalLM
+
+    config = tiny_llama().config
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config)
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    model = get_vblora_model(
+        base, VBLoRAConfig(num_vectors=8, vector_length=16, target_modules=["lm_head"], **BIG)
+    )
+    inputs = model_inputs("llama")
+    before, embeddings = run(model, inputs), base.model.embed_tokens.weight.clone()
+    with pytest.raises(ValueError, match=r"lm_head: its weight is shared .* nothing was merged"):
+        model.merge_adapter()
+    with pytest.raises(ValueError, match="tied weights"):
+        model.merge_and_unload()
+    assert model.merged_adapters == [] and base.model.embed_tokens.weight.equal(embeddings)
+    torch.testing.assert_close(run(model, inputs), before, atol=0, rtol=0)
+
+
 def test_merging_twice_warns_and_does_nothing() -> None:
     model, _inputs = build("mlp")
     model.merge_adapter()
@@ -456,10 +520,39 @@ def test_lifecycle_errors() -> None:
         model.delete_adapter("nope")
     with pytest.raises(TypeError, match="VBLoRAConfig"):
         model.add_adapter("x", {"r": 2})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="needs at least one name"):
+        model.set_adapter([])
     model.merge_adapter()
     with pytest.raises(ValueError, match="is merged"):
         model.delete_adapter("default")
     assert "default" in model.peft_config
+
+
+def test_repeated_names_count_once_and_a_lone_new_adapter_is_active() -> None:
+    model, inputs = build("mlp", **BIG)
+    once = run(model, inputs)
+    model.set_adapter(["default", "default"])  # not applied twice
+    assert model.active_adapters == ["default"]
+    torch.testing.assert_close(run(model, inputs), once, atol=0, rtol=0)
+    model.merge_adapter(["default", "default"])  # not merged twice
+    torch.testing.assert_close(run(model, inputs), once, atol=1e-5, rtol=0)
+    model.unmerge_adapter()
+    model.add_adapter("b", CONFIGS["mlp"])
+    model.delete_adapter("default")
+    model.delete_adapter("b")
+    model.add_adapter("c", CONFIGS["mlp"])  # nothing else is active: it is
+    assert model.active_adapters == ["c"] and model.get_nb_savable_parameters()[0] > 0
+
+
+def test_a_saved_head_shows_the_weight_in_use() -> None:
+    model = get_vblora_model(
+        tiny_llama(),
+        VBLoRAConfig(num_vectors=8, vector_length=16, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+    )
+    head = model.model.get_output_embeddings()  # transformers code reads .weight of it
+    assert head.weight is head.modules_to_save["default"].weight and head.bias is None
+    with model.disable_adapter():
+        assert head.weight is head.original_module.weight
 
 
 def test_dropout_is_applied_in_training_only_and_adds_no_module_per_adapter() -> None:
@@ -528,6 +621,14 @@ def test_a_module_to_save_holding_another_adapters_layers_is_refused() -> None:
         model.add_adapter("b", cfg)
     assert list(model.peft_config) == ["default"] and [layer.path for layer in layers(model)] == targeted
     torch.testing.assert_close(run(model, inputs), before, atol=0, rtol=0)
+
+
+def test_a_refused_config_leaves_the_base_model_trainable_as_it_was() -> None:
+    base = nn.Sequential(nn.Embedding(10, 16), nn.Linear(16, 16))
+    with pytest.raises(TypeError, match="Embedding is not supported"):
+        get_vblora_model(base, VBLoRAConfig(r=2, num_vectors=16, vector_length=8, target_modules=["0"]))
+    assert all(p.requires_grad for p in base.parameters())
+    assert not any(isinstance(m, VBLoRALayer) for m in base.modules())
 
 
 def test_config_is_not_mutated_by_injection() -> None:

@@ -142,3 +142,18 @@ def test_cache_keeps_the_factors_of_at_most_max_cached_adapters() -> None:
         with pytest.raises(ValueError, match="max_cached_adapters must be a positive int or None"):
             model.max_cached_adapters = bad
     assert model.max_cached_adapters == 1
+
+
+def test_mixed_batch_refuses_a_saved_module_called_with_more_than_its_input() -> None:
+    """A saved encoder layer also takes the attention mask: splitting only its first input by rows
+    would drop or misalign the rest, so it is refused, not run wrong."""
+    cfg = VBLoRAConfig(
+        num_vectors=16, vector_length=16, target_modules=["query"], modules_to_save=["layer.1"]
+    )
+    model = get_vblora_model(tiny_bert(), cfg, "a").eval()
+    model.add_adapter("b", cfg)
+    inputs = model_inputs("bert", batch=2)
+    with pytest.raises(ValueError, match=r"called with more .* cannot be split safely"):
+        model(**inputs, adapter_names=["a", "b"])
+    with torch.no_grad():  # nothing was left routed
+        torch.testing.assert_close(output_tensor(model(**inputs)), per_adapter(model, inputs, "a"))

@@ -111,6 +111,8 @@ class AdapterBank(nn.Module):
         self.register_buffer("topk_weights", None)
         self._factors: dict[str, tuple[Tensor, Tensor]] | None = None
         self._cache_key: tuple[Any, ...] | None = None
+        self._composed_at: tuple[Any, ...] | None = None  # (_stamp(), with graph) of _factors
+        self.in_pass = False  # set by the model while a pass that refreshed this bank runs
         with torch.inference_mode(False):  # the order is saved for backward: no inference tensor
             self._order, self._sizes, self._segment = _table_plan(self.layout, rows)
 
@@ -196,15 +198,22 @@ class AdapterBank(nn.Module):
     def _needs_graph(self) -> bool:
         return torch.is_grad_enabled() and (self.bank.requires_grad or self.logits.requires_grad)
 
+    def _stamp(self) -> tuple[int, ...]:
+        """The version counters of the tensors the factors come from (in-place changes bump them)."""
+        stamp = (self.bank._version, self.logits._version)
+        if self.topk_indices is not None:
+            stamp += (self.topk_indices._version, self.topk_weights._version)
+        return stamp
+
     def refresh(self) -> None:
         """Compose for this forward pass; reuse the cached factors when no graph is needed."""
         if self._needs_graph():
             # A fresh graph every pass (gradient accumulation frees the previous one).
             self._factors, self._cache_key = self.compose(), None
+            self._composed_at = (self._stamp(), True)
             return
         key = (
-            self.bank._version,
-            self.logits._version,
+            *self._stamp(),
             self.bank.data_ptr(),
             self.logits.data_ptr(),
             self.bank.dtype,
@@ -215,19 +224,30 @@ class AdapterBank(nn.Module):
             with torch.no_grad():
                 self._factors = self.compose()
             self._cache_key = key
+            self._composed_at = (key[: len(self._stamp())], False)
 
     def factors(self, path: str) -> tuple[Tensor, Tensor]:
         """The (A, B) of module ``path`` for the current pass: A (r, in), B (out, r).
 
         B is a transposed view (``B.T`` is contiguous); call ``.contiguous()`` before serialising it.
+        The model composes once per pass, before its forward (``in_pass``: nothing to check); a
+        layer reached another way (an encoder that ``generate`` calls directly) still gets factors
+        that are current and carry a graph when one is needed.
         """
-        if self._factors is None:
+        if self._factors is None or (
+            not self.in_pass and not torch.compiler.is_compiling() and self._outdated()
+        ):
             self.refresh()
         assert self._factors is not None
         return self._factors[path]
 
+    def _outdated(self) -> bool:
+        return self._composed_at != (self._stamp(), self._needs_graph())
+
     def clear_cache(self) -> None:
-        self._factors, self._cache_key = None, None
+        """Drop the composed factors (needed only after edits through ``.data``, which bypass the
+        version counters the cache checks)."""
+        self._factors, self._cache_key, self._composed_at = None, None, None
 
     def delta_weight(self, path: str, fan_in_fan_out: bool = False) -> Tensor:
         """ΔW = B @ A of one module in fp32, computed without autograd."""
@@ -241,7 +261,7 @@ class AdapterBank(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         # The cache may hold graph tensors, which cannot be deep-copied or pickled.
         state = self.__dict__.copy()
-        state["_factors"], state["_cache_key"] = None, None
+        state["_factors"], state["_cache_key"], state["_composed_at"] = None, None, None
         return state
 
     def _apply(self, fn: Any, recurse: bool = True) -> AdapterBank:

@@ -212,8 +212,9 @@ def _vblora_tensors(bank: AdapterBank, topk: bool) -> dict[str, Tensor]:
                 continue
             indices, weights = VF.topk_compress(logits, bank.topk)
             out[key + "_topk_indices"] = indices.to(_index_dtype(bank.num_vectors))
-            # The k-th weight is 1 - sum of the others; PEFT stores the weights in the logits' dtype.
-            out[key + "_topk_weights"] = weights[..., :-1].to(logits.dtype)
+            # The k-th weight is 1 - sum of the others. fp32 always: PEFT's loader scatters them into
+            # an fp32 table, so it cannot read the bf16/fp16 weights it writes for a half model.
+            out[key + "_topk_weights"] = weights[..., :-1].float()
     return out
 
 

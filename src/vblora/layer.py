@@ -217,12 +217,31 @@ class ModulesToSaveWrapper(nn.Module):
         chosen = [n for n in names if n in self.modules_to_save]
         self.active_adapter = chosen[0] if chosen else None
 
+    def in_use(self) -> nn.Module:
+        """The module a plain call runs: the active adapter's copy, else the original."""
+        if self.disabled or self.active_adapter is None:
+            return self.original_module
+        return self.modules_to_save[self.active_adapter]
+
+    @property
+    def weight(self) -> Tensor:  # code such as get_output_embeddings().weight reads the head's
+        return self.in_use().weight  # type: ignore[return-value]
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.in_use().bias  # type: ignore[return-value]
+
     def forward(self, *args: object, **kwargs: object) -> object:
         if self.routing is not None and not self.disabled:
+            if len(args) != 1 or any(v is not None for v in kwargs.values()):
+                raise ValueError(
+                    f"a mixed-adapter batch routes a modules_to_save module by rows of its one input; "
+                    f"this {type(self.original_module).__name__} is called with more (e.g. an attention "
+                    "mask), which cannot be split safely. Save a head (classifier, lm_head) instead, "
+                    "or run each adapter's rows as its own batch"
+                )
             return self._forward_mixed(args[0], self.routing)  # type: ignore[arg-type]
-        if self.disabled or self.active_adapter is None:
-            return self.original_module(*args, **kwargs)
-        return self.modules_to_save[self.active_adapter](*args, **kwargs)
+        return self.in_use()(*args, **kwargs)
 
     def _forward_mixed(self, x: Tensor, routing: RowRouting) -> Tensor:
         """Rows of adapters with a trained copy use it; the other rows use the original module."""

@@ -77,11 +77,13 @@ class VBLoRAModel(nn.Module):
         self._frozen: set[str] = set()  # adapters loaded for inference: never made trainable
         self._recent: dict[str, None] = {}  # adapters with composed factors, least recent first
         self._max_cached = 8
-        for p in model.parameters():
-            p.requires_grad_(False)
         self.add_adapter(adapter_name, config, initialise=initialise, trainable=trainable)
+        for p in model.parameters():  # after add_adapter: a refused config leaves the model as it was
+            p.requires_grad_(False)
         self.set_adapter(adapter_name)
         self._hook = model.register_forward_pre_hook(self._refresh_banks)
+        self._end_hook = model.register_forward_hook(self._end_pass, always_call=True)
+        self._in_pass: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ pass-through
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
@@ -168,10 +170,19 @@ class VBLoRAModel(nn.Module):
     def _refresh_banks(self, *_: Any) -> None:
         names = tuple(dict.fromkeys(self._routed or self._active))
         for name in names:
-            self.vblora_banks[name].refresh()
+            bank = self.vblora_banks[name]
+            bank.refresh()
+            bank.in_pass = True  # its layers need not check the factors again during this pass
             self._recent.pop(name, None)
             self._recent[name] = None  # most recent last
+        self._in_pass = names
         self._evict(keep=names)
+
+    def _end_pass(self, *_: Any) -> None:
+        for name in self._in_pass:
+            if name in self.vblora_banks:
+                self.vblora_banks[name].in_pass = False
+        self._in_pass = ()
 
     def _evict(self, keep: tuple[str, ...]) -> None:
         """Drop the composed factors of the least recently used adapters beyond the limit."""
@@ -209,7 +220,7 @@ class VBLoRAModel(nn.Module):
     def add_adapter(
         self, adapter_name: str, config: VBLoRAConfig, *, initialise: bool = True, trainable: bool = True
     ) -> None:
-        """Inject a new adapter (inactive until :meth:`set_adapter`).
+        """Inject a new adapter (inactive until :meth:`set_adapter`, unless no adapter is active).
 
         ``initialise=False`` leaves its bank and logits uninitialised, for a loader that overwrites
         them (initialising a Llama-2-7B-shaped table costs more than loading it).
@@ -265,6 +276,8 @@ class VBLoRAModel(nn.Module):
             self._frozen.add(adapter_name)
         if self._active:
             self.set_adapter(list(self._active))
+        elif len(self.peft_config) == 1:  # the first, or all others were deleted: nothing is active
+            self.set_adapter(adapter_name)
 
     def _check_save_paths(self, save_paths: list[str]) -> None:
         """A module to save must not hold other adapters' layers: its copies would hold copies of them."""
@@ -314,10 +327,12 @@ class VBLoRAModel(nn.Module):
 
         Adapters loaded as inference-only (top-k checkpoints) stay frozen.
         """
-        names = (adapter_name,) if isinstance(adapter_name, str) else tuple(adapter_name)
+        names = (adapter_name,) if isinstance(adapter_name, str) else tuple(dict.fromkeys(adapter_name))
+        if not names:
+            raise ValueError(f"set_adapter needs at least one name; existing: {list(self.peft_config)}")
         missing = [n for n in names if n not in self.peft_config]
-        if missing or not names:
-            raise ValueError(f"unknown adapter(s) {missing or names}; existing: {list(self.peft_config)}")
+        if missing:
+            raise ValueError(f"unknown adapter(s) {missing}; existing: {list(self.peft_config)}")
         self._check_save_conflicts(names)
         previous, self._active = self._active, names
         for layer in self.vblora_layers():
@@ -338,7 +353,12 @@ class VBLoRAModel(nn.Module):
                 trainable = name in names and self._trainable(name)
                 bank.bank.requires_grad_(trainable)
                 bank.logits.requires_grad_(trainable)
-        self._set_bias_trainable(tuple(n for n in names if self._trainable(n)))
+        for name in previous:  # a base bias trains only while its adapter is active
+            if name in self.peft_config:
+                self._set_bias_trainable(name, False)
+        for name in names:
+            if self._trainable(name):
+                self._set_bias_trainable(name, True)
 
     def _trainable(self, name: str) -> bool:
         """Whether adapter ``name`` trains when active: not a top-k (selection-only) adapter, and
@@ -354,10 +374,9 @@ class VBLoRAModel(nn.Module):
                     "only one of them can be active at a time"
                 )
 
-    def _set_bias_trainable(self, names: tuple[str, ...]) -> None:
-        for name in names:
-            for bias in self.trained_biases(name).values():
-                bias.requires_grad_(True)
+    def _set_bias_trainable(self, name: str, trainable: bool) -> None:
+        for bias in self.trained_biases(name).values():
+            bias.requires_grad_(trainable)
 
     def trained_biases(self, adapter_name: str) -> dict[str, nn.Parameter]:
         """The biases an adapter trains (per its ``bias`` setting), by path in the base model."""
@@ -384,6 +403,7 @@ class VBLoRAModel(nn.Module):
         layers = list(self.vblora_layers())
         if any(adapter_name in layer.merged_adapters for layer in layers):
             raise ValueError(f"adapter {adapter_name!r} is merged; unmerge_adapter() before deleting it")
+        self._set_bias_trainable(adapter_name, False)  # the biases stay in the base model, trained
         for layer in layers:
             layer.remove_adapter(adapter_name)
             if not layer.banks:
@@ -439,7 +459,7 @@ class VBLoRAModel(nn.Module):
         Arithmetic is fp32. With ``safe_merge`` every merged weight is checked for NaN/inf before
         any weight is written. Adapters already merged are skipped with a warning.
         """
-        names = list(self._active if adapter_names is None else adapter_names)
+        names = list(dict.fromkeys(self._active if adapter_names is None else adapter_names))
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; existing: {list(self.peft_config)}")
@@ -453,6 +473,7 @@ class VBLoRAModel(nn.Module):
             for name in names
             if name in layer.banks
         ]
+        self._refuse_tied([layer for layer, _, _ in plan])
         if safe_merge:
             for layer, name, delta in plan:
                 if not torch.isfinite(layer._weight().float() + delta.to(layer._weight().device)).all():
@@ -462,6 +483,22 @@ class VBLoRAModel(nn.Module):
         for layer, name, delta in plan:
             layer.add_delta(delta, +1.0)
             layer.merged_adapters.append(name)
+
+    def _refuse_tied(self, layers: list[VBLoRALayer]) -> None:
+        """A weight shared with another module (a tied lm_head) would change there too."""
+        if not layers:
+            return
+        uses: dict[int, int] = {}
+        for _, p in self.model.named_parameters(remove_duplicate=False):
+            uses[id(p)] = uses.get(id(p), 0) + 1
+        for layer in layers:
+            if uses.get(id(layer._weight()), 0) > 1:
+                raise ValueError(
+                    f"{layer.path}: its weight is shared with another module (tied weights, e.g. "
+                    "lm_head and the input embeddings), so merging would change both; nothing was "
+                    "merged. Serve the adapter unmerged, or untie the weights first (clone the "
+                    "weight and set config.tie_word_embeddings=False)"
+                )
 
     def unmerge_adapter(self) -> None:
         """Subtract every merged adapter's ΔW again (last merged first)."""
@@ -496,6 +533,7 @@ class VBLoRAModel(nn.Module):
                 chosen = wrapper.modules_to_save[active] if use_copy else wrapper.original_module
                 _set_submodule(self.model, path, chosen)
         self._hook.remove()
+        self._end_hook.remove()
         return self.model
 
     # ------------------------------------------------------------------ parameter counts
