@@ -61,6 +61,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
         AutoTokenizer,
         BertConfig,
         BertForSequenceClassification,
+        BertModel,
         LlamaConfig,
         LlamaForCausalLM,
     )
@@ -103,6 +104,13 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in qa))
     (root / "broken.jsonl").write_text('{"text": "fine", "label": "pos"}\n{"text": "oops", \n')
     (root / "two.csv").write_text("text,label\ngood,pos\nbad,neg\n")
+    (root / "latin.csv").write_bytes("text,label\ncaf\u00e9 good,pos\n".encode("latin-1"))
+    (root / "ragged.csv").write_text("text,label\ngood,pos\nbad\n")
+    stars = [f"{' '.join(rng.sample(good + bad, 2))} film,{rng.choice(['1', '2', '10'])}" for _ in range(40)]
+    (root / "stars.csv").write_text("text,label\n" + "\n".join(stars) + "\n")
+    headless = root / "bert-headless"  # a checkpoint with no classifier: the head starts random
+    BertModel(bert.config).save_pretrained(headless)
+    tokenizer.save_pretrained(headless)
     return root
 
 
@@ -183,6 +191,8 @@ def test_eval_reproduces_the_recorded_metric(trained: Path) -> None:
     assert result["value"] == result["recorded"] == metrics_of(trained)["after"]
     code, out, _ = run("eval", trained / "adapter", "--quiet")  # the adapter folder works too
     assert code == 0 and "accuracy" in out
+    code, _, err = run("eval", trained, "--batch-size", "0")
+    assert code == 2 and "--batch-size must be at least 1" in err
 
 
 def test_a_llama_classifier_trains_with_the_default_targets_and_head(assets: Path, tmp_path: Path) -> None:
@@ -313,6 +323,16 @@ def test_inspect_reports_subvectors_bytes_and_selection(trained: Path, tmp_path:
         and f"adapter_model.safetensors: {metrics_of(trained)['adapter_bytes']['file']:,}" in out
     )
     assert (tmp_path / "sel.png").read_bytes()[:4] == b"\x89PNG"
+    code, out, _ = run("inspect", trained, "--plot", tmp_path / "noext")
+    assert code == 0 and (tmp_path / "noext.png").is_file() and f"wrote {tmp_path / 'noext.png'}" in out
+    (tmp_path / "a-file").write_text("")
+    for plot, message in (
+        (tmp_path, "is a folder"),
+        (tmp_path / "sel.txt", "ending in .png"),
+        (tmp_path / "a-file" / "x.png", "is a file, not a folder"),
+    ):
+        code, out, err = run("inspect", trained, "--plot", plot)
+        assert code == 2 and message in err and out == "", err  # refused before any output
 
 
 def test_merge_writes_a_plain_model_equal_to_the_adapter(assets: Path, trained: Path, tmp_path: Path) -> None:
@@ -367,6 +387,17 @@ BAD_INPUTS = {
     "zero epochs": (["--epochs", "0"], "--epochs must be at least 1"),
     "topk above num_vectors": (["--topk", "32"], "exceeds num_vectors"),
     "modules_to_save match nothing": (["--modules-to-save", "clasifier"], "matched no module"),
+    "data file not UTF-8": (["--data", "{assets}/latin.csv"], "not UTF-8 text"),
+    "data file is a folder": (["--data", "{assets}"], "is a folder; pass a .csv"),
+    "csv row without a label": (
+        ["--data", "{assets}/ragged.csv"],
+        "ragged.csv:3: no value in column 'label'",
+    ),
+    "negative weight decay": (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
+    "new head left unsaved": (
+        ["--model", "{assets}/bert-headless", "--modules-to-save", "none"],
+        "classifier of --model",
+    ),
 }
 
 
@@ -387,8 +418,77 @@ def test_existing_output_is_refused_without_overwrite(assets: Path, trained: Pat
     code, _, err = run(*bert_args(assets, trained))
     assert code == 2 and "already exists; pass --overwrite" in err
     assert (trained / "metrics.json").read_bytes() == before
-    code, _, err = run("merge", trained, "--output", trained)
-    assert code == 2 and "already exists" in err
+    code, _, err = run("merge", trained, "--output", trained, "--overwrite")  # it would delete the run
+    assert code == 2 and "which replacing it would delete" in err
+    assert (trained / "metrics.json").read_bytes() == before
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_training(
+    assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "a-file").write_text("")
+    code, _, err = run(*bert_args(assets, tmp_path / "a-file" / "run"))
+    assert code == 2 and "a-file is a file, not a folder" in err
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "keep.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    code, _, err = run(*bert_args(assets, Path("."), "--overwrite"))  # would replace the folder we are in
+    assert code == 2 and "which replacing it would delete" in err and (work / "keep.txt").exists()
+
+
+def test_outputs_follow_the_umask(assets: Path, trained: Path, tmp_path: Path) -> None:
+    import os
+
+    old = os.umask(0o022)
+    try:
+        code, _, err = run("export-lora", trained, "--output", tmp_path / "lora")
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    assert (tmp_path / "lora").stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700
+
+
+def test_a_relative_data_path_is_recorded_so_eval_works_from_elsewhere(
+    assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shutil.copy(assets / "reviews.csv", tmp_path / "reviews.csv")
+    monkeypatch.chdir(tmp_path)
+    args = bert_args(assets, tmp_path / "rel")
+    args[args.index(assets / "reviews.csv")] = "reviews.csv"
+    code, _, err = run(*args)
+    assert code == 0, err
+    assert metrics_of(tmp_path / "rel")["settings"]["data"] == str(tmp_path / "reviews.csv")
+    monkeypatch.chdir(assets)
+    code, out, err = run("eval", tmp_path / "rel", "--json", "--quiet")
+    assert code == 0, err
+    assert json.loads(out)["value"] == metrics_of(tmp_path / "rel")["after"]
+    (tmp_path / "reviews.csv").unlink()
+    code, _, err = run("eval", tmp_path / "rel")
+    assert code == 2 and "is gone; pass --data FILE" in err
+
+
+def test_a_head_for_another_label_count_is_replaced_and_bare_adapters_still_load(
+    assets: Path, tmp_path: Path
+) -> None:
+    """The tiny BERT's checkpoint has a 2-label head; 3 labels get a new, trained and saved head.
+    Its adapter folder alone (no metrics.json) still merges and exports: the head gives the count."""
+    output = tmp_path / "stars"
+    args = bert_args(assets, output)
+    args[args.index(assets / "reviews.csv")] = assets / "stars.csv"
+    code, _, err = run(*args)
+    assert code == 0, err
+    m = metrics_of(output)
+    assert m["settings"]["labels"] == ["1", "2", "10"]
+    code, out, err = run("eval", output, "--json")
+    assert code == 0 and json.loads(out)["value"] == m["after"], err
+    bare = tmp_path / "bare"
+    shutil.copytree(output / "adapter", bare)
+    for command in ("merge", "export-lora"):
+        code, _, err = run(command, bare, "--model", assets / "bert", "--output", tmp_path / command)
+        assert code == 0, err
+    config = json.loads((tmp_path / "merge" / "config.json").read_text())
+    assert len(config["id2label"]) == 3
 
 
 def test_other_commands_reject_missing_or_foreign_folders(tmp_path: Path) -> None:

@@ -138,7 +138,7 @@ def test_qa_table_reads_prompts_and_answers(tmp_path) -> None:
 
 
 def test_builtin_data_must_match_the_task() -> None:
-    with pytest.raises(RunError, match="add --task causal-lm"):
+    with pytest.raises(RunError, match="causal-LM corpus, for a --task causal-lm run"):
         T.load_examples(RunSettings(data="hamlet").resolved())
-    with pytest.raises(RunError, match="use --task seq-cls"):
+    with pytest.raises(RunError, match="classification data set, for a --task seq-cls run"):
         T.load_examples(RunSettings(task="causal-lm", data="rotten-tomatoes").resolved())

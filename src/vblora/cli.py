@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import sys
 import time
@@ -332,16 +333,42 @@ def _prepare_training(s: RunSettings) -> tuple[RunSettings, Any, Any, T.TaskData
     R.quiet_transformers()
     T.resolve_model_path(s.model)  # a missing model folder fails before anything is read
     examples, label_names = T.load_examples(s)  # bad data fails before the model is loaded
-    s = dataclasses.replace(s, model=R.portable(s.model), labels=label_names or None)
+    data = s.data if T.is_builtin(s.data) else str(pathlib.Path(s.data).expanduser().resolve())
+    s = dataclasses.replace(s, model=R.portable(s.model), data=data, labels=label_names or None)
     torch.manual_seed(s.seed)  # the classifier head's initialisation
-    base, tokenizer = T.load_base_model(s.task, s.model, label_names=label_names)
+    base, tokenizer, new_modules = T.load_base_model_and_new_modules(s.task, s.model, label_names=label_names)
+    _check_new_modules_are_saved(base, new_modules, s)
     task_data = T.prepare_data(s, tokenizer, examples, label_names)
     print(f"data: {s.data}: {len(task_data.train)} training and {len(task_data.test)} held-out examples")
+    dropped = task_data.train.dropped + task_data.test.dropped
+    if dropped:
+        print(f"  ({dropped} left out: the prompt alone fills --max-length {s.max_length}; raise it)")
     torch.manual_seed(s.seed)  # the bank and logits
     model = T.wrap_model(base, s.adapter_config(T.resolve_model_path(s.model)))
     model.print_trainable_parameters()
     model.print_savable_parameters()
     return s, model, tokenizer, task_data
+
+
+def _check_new_modules_are_saved(base: Any, new_modules: list[str], s: RunSettings) -> None:
+    """A module the checkpoint lacks (a new classifier head) starts random: unless it is trained and
+    saved (modules_to_save), the adapter would give other results each time it is loaded."""
+    from .targeting import find_modules_to_save
+
+    if not new_modules:
+        return
+    try:
+        saved = find_modules_to_save(base, tuple(s.modules_to_save or ()))
+    except ValueError as err:
+        raise RunError(str(err)) from None
+    unsaved = [m for m in new_modules if not any(m == p or m.startswith(p + ".") for p in saved)]
+    if unsaved:
+        raise RunError(
+            f"{', '.join(unsaved)} of --model {s.model} start(s) random (not in its checkpoint, or sized "
+            f"for another label count), and --modules-to-save {_show(s.modules_to_save, 'modules_to_save')} "
+            "leaves it untrained and unsaved, so the adapter could not be evaluated again; add it to "
+            "--modules-to-save (the default, classifier,score, covers the usual heads)"
+        )
 
 
 def _generate_before(
@@ -379,10 +406,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     run = R.open_run(args.run, run_overrides(args))
     s = run.settings
     if args.batch_size is not None:
+        if args.batch_size < 1:
+            raise RunError(f"--batch-size must be at least 1, got {args.batch_size}")
         s = dataclasses.replace(s, eval_batch_size=args.batch_size)
     s.check()
+    if "data" not in vars(args) and not T.is_builtin(s.data) and not pathlib.Path(s.data).is_file():
+        raise RunError(f"the run's data file {s.data} is gone; pass --data FILE to evaluate on another")
     examples, label_names = T.load_examples(s)  # a file is read with the run's label names
-    model, tokenizer = R.load_saved_model(run, compact=args.from_compact)
+    model, tokenizer = R.load_saved_model(run, compact=args.from_compact, label_names=label_names)
     task_data = T.prepare_data(s, tokenizer, examples, label_names)
     value = T.evaluator(model, task_data.test, s, not args.quiet)()
     metric = T.metric_name(s.task)
@@ -399,7 +430,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_merge(args: argparse.Namespace) -> None:
     run = R.open_run(args.run, run_overrides(args))
-    R.check_output(args.output, args.overwrite)
+    R.check_output(args.output, args.overwrite, keep=(args.run,))
     model, tokenizer = R.load_saved_model(run, compact=args.from_compact)
     merged = model.merge_and_unload(safe_merge=True)
     with R.staged_output(args.output, args.overwrite) as tmp:
@@ -412,7 +443,7 @@ def cmd_export_lora(args: argparse.Namespace) -> None:
     from .checkpoint import export_lora
 
     run = R.open_run(args.run, run_overrides(args))
-    R.check_output(args.output, args.overwrite)
+    R.check_output(args.output, args.overwrite, keep=(args.run,))
     model, _ = R.load_saved_model(run, compact=args.from_compact)
     with R.staged_output(args.output, args.overwrite) as tmp:
         export_lora(model, tmp)
@@ -426,13 +457,31 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     from .inspection import describe, plot_selection, read_adapter, read_compact
 
     path = args.run
+    plot = _plot_path(args.plot) if args.plot else None  # a bad name fails before any output
     adapter = path / ADAPTER_DIR if (path / ADAPTER_DIR / "adapter_config.json").is_file() else path
     summary = read_compact(path) if path.is_file() else read_adapter(adapter)
     print(describe(summary, all_modules=args.modules))
-    if args.plot:
-        args.plot.parent.mkdir(parents=True, exist_ok=True)
-        plot_selection(summary, args.plot)
-        print(f"wrote {args.plot}")
+    if plot:
+        try:
+            plot.parent.mkdir(parents=True, exist_ok=True)
+            plot_selection(summary, plot)
+        except OSError as err:
+            raise RunError(f"--plot {args.plot}: cannot write it ({err.strerror})") from None
+        print(f"wrote {plot}")
+
+
+def _plot_path(path: pathlib.Path) -> pathlib.Path:
+    """The PNG file --plot names (``.png`` added when the name has no extension)."""
+    if path.is_dir():
+        raise RunError(f"--plot {path} is a folder; pass a file name such as {path / 'selection.png'}")
+    if not path.suffix:
+        path = path.with_suffix(".png")
+    if path.suffix.lower() != ".png":
+        raise RunError(f"--plot {path}: the plot is a PNG; use a name ending in .png")
+    anchor = R.existing_ancestor(path.resolve().parent)
+    if not anchor.is_dir():
+        raise RunError(f"--plot {path}: {anchor} is a file, not a folder")
+    return path
 
 
 # =========================================================================== entry point
@@ -451,6 +500,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"vblora {args.command}: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `vblora inspect ... | head`: the reader left, which is no error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
     return 0
 
 

@@ -100,11 +100,13 @@ class Encoded:
         labels: One class index per example (classification), or one target id per token with
             ``-100`` where no loss is taken (causal LM).
         pad_token_id: The id :func:`batches` pads ``input_ids`` with.
+        dropped: Examples left out (causal LM: the prompt alone fills ``max_length``).
     """
 
     input_ids: list[list[int]]
     labels: list[int] | list[list[int]]
     pad_token_id: int
+    dropped: int = 0
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -253,22 +255,34 @@ def read_rows(path: pathlib.Path) -> list[tuple[int, dict[str, Any]]]:
     Raises:
         DataError: the file is missing, its extension is not one of those, or a line is malformed.
     """
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; pass a .csv, .tsv or .jsonl file")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return _read_jsonl(path)
-    if suffix not in DELIMITERS:
+    if suffix != ".jsonl" and suffix not in DELIMITERS:
         raise DataError(f"{path}: unknown extension '{path.suffix}'; use .csv, .tsv or .jsonl")
-    return _read_delimited(path, DELIMITERS[suffix])
+    try:
+        return _read_jsonl(path) if suffix == ".jsonl" else _read_delimited(path, DELIMITERS[suffix])
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); save the file as UTF-8"
+        ) from None
 
 
 def _read_delimited(path: pathlib.Path, delimiter: str) -> list[tuple[int, dict[str, Any]]]:
     """Return ``(line number, row)`` for each data row of a CSV/TSV file with a header line."""
     # utf-8-sig drops the byte-order mark Excel writes, which would otherwise prefix the first column
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        rows = [(reader.line_num, row) for row in reader]
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, 2**31 - 1))  # a long review is data, not an attack
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f, delimiter=delimiter)
+            rows = [(reader.line_num, row) for row in reader]
+    except csv.Error as err:
+        raise DataError(f"{path}: not a valid {path.suffix.lstrip('.').upper()} file ({err})") from None
+    finally:
+        csv.field_size_limit(limit)
     return rows
 
 
@@ -299,7 +313,12 @@ def _table_row(
         if column not in row:
             raise DataError(_missing_column_message(path, line, list(row), column, flag, other))
     text, label = row[text_column], row[label_column]
-    if not isinstance(text, str) or not text.strip():
+    if text is None or label is None:  # a short CSV row, or a JSON null
+        missing = text_column if text is None else label_column
+        raise DataError(f"{path}:{line}: no value in column '{missing}'; fill it or remove the row")
+    if not isinstance(text, str):
+        raise DataError(f"{path}:{line}: text {text!r} in column '{text_column}' is not a string")
+    if not text.strip():
         raise DataError(f"{path}:{line}: empty text in column '{text_column}'; remove the row or fill it")
     # bool is an int subclass but True/False are not class labels anyone means; floats would print as "1.0"
     if isinstance(label, bool) or not isinstance(label, (str, int)):
@@ -537,7 +556,7 @@ def encode_chat_sft(pairs: Sequence[QAPair], tokenizer: PreTrainedTokenizerBase,
         labels.append([IGNORE_INDEX] * len(prompt) + full[len(prompt) :])
     if not input_ids:
         raise DataError(f"max_length {max_length} is too short: every prompt fills it; raise max_length")
-    return Encoded(input_ids, labels, pad_token_id(tokenizer))
+    return Encoded(input_ids, labels, pad_token_id(tokenizer), dropped=len(pairs) - len(input_ids))
 
 
 def _sft_token_ids(pair: QAPair, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:

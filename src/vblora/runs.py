@@ -30,14 +30,33 @@ COMPACT_NAME = "adapter.vblora"  # written next to adapter/ by `vblora train --c
 # =========================================================================== output folders
 
 
-def check_output(path: pathlib.Path, overwrite: bool) -> None:
-    """Refuse an existing output (unless ``overwrite``) before any work is done."""
+def check_output(path: pathlib.Path, overwrite: bool, keep: tuple[pathlib.Path, ...] = ()) -> None:
+    """Refuse an output that cannot be written, or an existing one (unless ``overwrite``), before any
+    work is done. ``keep``: inputs the output must not replace (the run being merged)."""
+    target = path.expanduser().resolve()
     if path.exists() and not path.is_dir():
         raise RunError(f"--output {path} exists and is not a folder; choose another --output")
+    anchor = existing_ancestor(target)
+    if not anchor.is_dir():
+        raise RunError(f"--output {path}: {anchor} is a file, not a folder; choose another --output")
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        raise RunError(f"--output {path}: cannot write in {anchor} (permission denied); choose another")
+    protected = [pathlib.Path.cwd(), pathlib.Path.home(), *(k.expanduser().resolve() for k in keep)]
+    for folder in protected:
+        if folder == target or target in folder.parents:
+            raise RunError(
+                f"--output {path} is or holds {folder}, which replacing it would delete; choose another"
+            )
     if path.exists() and not overwrite:
         raise RunError(
             f"--output {path} already exists; pass --overwrite to replace it or choose another --output"
         )
+
+
+def existing_ancestor(path: pathlib.Path) -> pathlib.Path:
+    while not path.exists():
+        path = path.parent
+    return path
 
 
 @contextlib.contextmanager
@@ -48,10 +67,16 @@ def staged_output(path: pathlib.Path, overwrite: bool) -> Iterator[pathlib.Path]
     final rename is atomic); missing parent folders are only created at that rename.
     """
     check_output(path, overwrite)
-    anchor = path.resolve().parent
-    while not anchor.exists():
-        anchor = anchor.parent
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=anchor))
+    path = path.expanduser().resolve()
+    try:
+        tmp = pathlib.Path(
+            tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=existing_ancestor(path.parent))
+        )
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would keep the output from other users
+    except OSError as err:
+        raise RunError(f"--output {path}: cannot create it ({err.strerror}); choose another") from None
     try:
         yield tmp
         _publish(tmp, path, overwrite)
@@ -213,6 +238,8 @@ def open_run(path: pathlib.Path, overrides: dict[str, Any]) -> SavedRun:
         path: a folder written by ``vblora train``, or an adapter folder.
         overrides: RunSettings fields that replace the recorded ones (e.g. another ``data`` file).
     """
+    if path.is_file() and path.name == COMPACT_NAME:
+        raise RunError(f"{path} is a compact file; pass the run folder that holds it, with --from-compact")
     if not path.is_dir():
         raise RunError(
             f"{path}: no such folder; pass a folder written by `vblora train` or an adapter folder"
@@ -243,9 +270,27 @@ def _settings_from_adapter(config_file: pathlib.Path) -> RunSettings:
     return RunSettings(task=task, model=config.get("base_model_name_or_path"))
 
 
-def load_saved_model(run: SavedRun, compact: bool = False) -> tuple[Any, Any]:
+def _saved_label_count(path: pathlib.Path) -> int | None:
+    """Rows of the saved classifier head (``classifier``/``score`` in modules_to_save), if any: the
+    label count of an adapter folder that has no metrics.json to name its labels."""
+    import re
+
+    from safetensors import safe_open
+
+    file = path if path.is_file() else path / "adapter_model.safetensors"
+    head = re.compile(r"(?:^|\.)(?:classifier|score)\.(?:out_proj\.)?weight$")  # PEFT's key: no copy name
+    with contextlib.suppress(OSError, ValueError), safe_open(str(file), framework="pt") as f:
+        rows = [f.get_slice(k).get_shape()[0] for k in f.keys() if head.search(k)]  # noqa: SIM118
+        return rows[0] if len(set(rows)) == 1 else None
+    return None
+
+
+def load_saved_model(
+    run: SavedRun, compact: bool = False, label_names: list[str] | None = None
+) -> tuple[Any, Any]:
     """The base model named by the run with its saved adapter loaded (inference mode): the adapter
-    folder, or with ``compact`` the run's compact file."""
+    folder, or with ``compact`` the run's compact file. A classifier gets ``label_names``, else the
+    run's labels, else as many as the saved head has rows."""
     from .checkpoint import load_compact
     from .model import VBLoRAModel
 
@@ -255,7 +300,10 @@ def load_saved_model(run: SavedRun, compact: bool = False) -> tuple[Any, Any]:
     quiet_transformers()
     s = run.settings
     assert s.model is not None
-    base, tokenizer = T.load_base_model(s.task, s.model, label_names=s.labels or ["0", "1"])
+    labels = label_names or s.labels
+    if labels is None and s.task == SEQ_CLS:
+        labels = [str(i) for i in range(_saved_label_count(path) or 2)]
+    base, tokenizer = T.load_base_model(s.task, s.model, label_names=labels)
     try:
         model = load_compact(base, path) if compact else VBLoRAModel.from_pretrained(base, path)
     except (ValueError, TypeError) as err:  # one line: the loader's summary and its first problem

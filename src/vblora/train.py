@@ -180,7 +180,7 @@ class RunSettings:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise RunError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        for name in ("logits_lr", "bank_lr", "head_lr"):
+        for name in ("logits_lr", "bank_lr", "head_lr", "weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise RunError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -214,14 +214,16 @@ def load_examples(s: RunSettings) -> tuple[list[Any], list[str]]:
         if s.data == "rotten-tomatoes":
             return D.load_rotten_tomatoes()
         if is_builtin(s.data):
-            raise RunError(f"--data {s.data} is a causal-LM corpus; add --task causal-lm")
+            raise RunError(f"--data {s.data} is a causal-LM corpus, for a --task causal-lm run")
         return D.load_table(s.data, s.text_column, s.label_column, s.labels)
     if s.data == "chatterbot":
         return D.load_chatterbot(), []
     if s.data == "hamlet":
         return [D.load_hamlet()], []
     if is_builtin(s.data):
-        raise RunError(f"--data {s.data} is a classification data set; use --task seq-cls")
+        raise RunError(
+            f"--data {s.data} is a classification data set, for a --task seq-cls run, not causal-lm"
+        )
     return load_qa_table(s.data, s.text_column, s.label_column), []
 
 
@@ -315,6 +317,15 @@ def load_base_model(
     task: str, name: str, num_labels: int = 2, label_names: list[str] | None = None
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """The transformers model for ``task`` and its tokenizer, in float32 and eval mode."""
+    model, tokenizer, _ = load_base_model_and_new_modules(task, name, num_labels, label_names)
+    return model, tokenizer
+
+
+def load_base_model_and_new_modules(
+    task: str, name: str, num_labels: int = 2, label_names: list[str] | None = None
+) -> tuple[nn.Module, PreTrainedTokenizerBase, list[str]]:
+    """As :func:`load_base_model`, and the modules the checkpoint did not hold (freshly initialised:
+    a new classifier head, or one whose label count differs from the checkpoint's)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     path = resolve_model_path(name)
@@ -324,17 +335,21 @@ def load_base_model(
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         if task == SEQ_CLS:
             names = label_names or [str(i) for i in range(num_labels)]
-            model = AutoModelForSequenceClassification.from_pretrained(
+            model, info = AutoModelForSequenceClassification.from_pretrained(
                 path,
                 num_labels=len(names),
                 id2label=dict(enumerate(names)),
                 label2id={n: i for i, n in enumerate(names)},
+                ignore_mismatched_sizes=True,  # a head for another label count is replaced by a new one
+                output_loading_info=True,
                 local_files_only=True,
                 **dtype,
             )
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **dtype)
-    except (OSError, ValueError, KeyError) as err:
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path, local_files_only=True, output_loading_info=True, **dtype
+            )
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
         if path == name and not pathlib.Path(name).exists():
             raise RunError(
                 f"--model {name}: not a local folder and not in the local Hugging Face cache (vblora never "
@@ -344,7 +359,9 @@ def load_base_model(
         raise RunError(f"--model {name}: could not load it with transformers ({first})") from None
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = D.pad_token_id(tokenizer)  # classifiers find the last token by padding
-    return model.eval(), tokenizer
+    mismatched = (k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ()))
+    new_modules = sorted({key.rsplit(".", 1)[0] for key in (*info.get("missing_keys", ()), *mismatched)})
+    return model.eval(), tokenizer, new_modules
 
 
 def wrap_model(base: nn.Module, config: VBLoRAConfig) -> VBLoRAModel:
