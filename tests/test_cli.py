@@ -468,6 +468,20 @@ def test_a_relative_data_path_is_recorded_so_eval_works_from_elsewhere(
     assert code == 2 and "is gone; pass --data FILE" in err
 
 
+def test_exclude_modules_leaves_layers_out(assets: Path, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    output = tmp_path / "excluded"
+    code, _, err = run(*bert_args(assets, output, "--exclude-modules", "intermediate.dense,pooler.dense"))
+    assert code == 0, err
+    config = json.loads((output / "adapter" / "adapter_config.json").read_text())
+    assert config["exclude_modules"] == ["intermediate.dense", "pooler.dense"]
+    with safe_open(str(output / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert any("attention.self.query" in k for k in keys)
+    assert not any("intermediate.dense" in k or "pooler.dense" in k for k in keys)
+
+
 def test_a_head_for_another_label_count_is_replaced_and_bare_adapters_still_load(
     assets: Path, tmp_path: Path
 ) -> None:

@@ -158,6 +158,12 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     )
     _add(
         g,
+        "--exclude-modules",
+        "modules left out of --target-modules: comma-separated names or suffixes, or re:<regex>",
+        type=_targets,
+    )
+    _add(
+        g,
         "--modules-to-save",
         "modules trained in full and saved, comma-separated, or 'none'",
         type=_modules_to_save,

@@ -325,7 +325,7 @@ class VBLoRAModel(nn.Module):
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
         """Activate one adapter or several (their updates are summed); only they are trainable.
 
-        Adapters loaded as inference-only (top-k checkpoints) stay frozen.
+        Adapters loaded for inference (``is_trainable=False``, top-k checkpoints) stay frozen.
         """
         names = (adapter_name,) if isinstance(adapter_name, str) else tuple(dict.fromkeys(adapter_name))
         if not names:

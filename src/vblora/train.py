@@ -112,6 +112,7 @@ class RunSettings:
     init_logits_std: float = 0.1
     init_bank_bound: float = 0.02
     target_modules: str | list[str] | None = None
+    exclude_modules: str | list[str] | None = None
     modules_to_save: list[str] | None = None
     save_full_logits: bool = False
     compact: str | None = None  # also write adapter.vblora with the bank in this precision (a name)
@@ -157,6 +158,7 @@ class RunSettings:
                 vector_length=self.vector_length or 0,
                 topk=self.topk,
                 target_modules=self.target_modules,
+                exclude_modules=self.exclude_modules or None,
                 modules_to_save=self.modules_to_save or None,
                 save_only_topk_weights=not self.save_full_logits,
                 vblora_dropout=self.dropout,
