@@ -595,6 +595,67 @@ def test_every_writer_refuses_a_bad_target_before_writing_and_creates_missing_fo
     assert (tmp_path / "new" / "lora" / ck.CONFIG_NAME).is_file()
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_peft_checkpoints_that_adapt_lm_head_load_with_equal_outputs(tmp_path, tied):
+    """PEFT also saves the full weight of an adapted lm_head/embed_tokens (``<path>.base_layer.weight``)."""
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(config).eval()
+    settings = {**ADAPTER, "bias": "none", "target_modules": ["q_proj", "lm_head"]}
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.VBLoRAConfig(**settings))
+    _perturb(theirs)
+    theirs.save_pretrained(tmp_path)
+    assert any(k.endswith("lm_head.base_layer.weight") for k in load_file(tmp_path / ck.WEIGHTS_NAME))
+    ours = VBLoRAModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert _rel(_out(ours), _out(theirs.eval())) <= 1e-5
+    resized = copy.deepcopy(base)
+    resized.resize_token_embeddings(80)  # a vocabulary of another size: refused, model unchanged
+    before = _snapshot(resized)
+    with pytest.raises(ValueError, match=r"lm_head.base_layer.weight: shape \(64, 32\), but the model's"):
+        VBLoRAModel.from_pretrained(resized, tmp_path)
+    _assert_unchanged(resized, before)
+
+
+@pytest.mark.parametrize("name", ["a/b", "/tmp/escaped", "a\\b", "nul\x00", "__base__", ""])
+def test_adapter_names_that_are_paths_or_reserved_are_refused(bases, tmp_path, name):
+    ours = _ours(bases["bert"], "bert", bias="none")
+    ours.save_pretrained(tmp_path / "dir")
+    save_compact(ours, tmp_path / "a.vblora")
+    before = _snapshot(ours)
+    with pytest.raises(ValueError, match="adapter name"):
+        ours.add_adapter(name, ours.peft_config["default"])
+    with pytest.raises(ValueError, match="adapter name"):
+        ours.load_adapter(tmp_path / "dir", name)
+    with pytest.raises(ValueError, match="adapter name"):
+        load_compact(ours, tmp_path / "a.vblora", name)
+    _assert_unchanged(ours, before)
+
+
+def test_absurdly_nested_json_is_a_value_error(bases, tmp_path):
+    _ours(bases["bert"], "bert").save_pretrained(tmp_path)
+    (tmp_path / ck.CONFIG_NAME).write_text("[" * 50000 + "]" * 50000)
+    base = copy.deepcopy(bases["bert"])
+    with pytest.raises(ValueError, match="not a valid VB-LoRA adapter config"):
+        VBLoRAModel.from_pretrained(base, tmp_path)
+
+
+def test_a_failed_install_restores_the_base_models_trainable_flags(bases, tmp_path, monkeypatch):
+    _ours(bases["bert"], "bert").save_pretrained(tmp_path, save_only_topk_weights=True)
+    base = copy.deepcopy(bases["bert"])
+    before = _snapshot(base)
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt  # e.g. Ctrl-C after validation, while the tensors are copied
+
+    monkeypatch.setattr(ck.AdapterBank, "keep_topk", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        VBLoRAModel.from_pretrained(base, tmp_path)
+    _assert_unchanged(base, before)
+
+
 def test_pickle_checkpoints_are_refused(bases, tmp_path, monkeypatch):
     _ours(bases["bert"], "bert").save_pretrained(tmp_path)
     (tmp_path / ck.WEIGHTS_NAME).rename(tmp_path / ck.PICKLE_NAME)

@@ -54,6 +54,13 @@ def test_defaults_match_peft() -> None:
         ({"target_modules": ".*q_proj", "layers_to_transform": [0]}, "cannot be used with a regex"),
         ({"layers_to_transform": [-1], "target_modules": ["q"]}, "indices >= 0"),
         ({"init_logits_std": -1.0}, "must be >= 0"),
+        ({"save_only_topk_weights": "false"}, "save_only_topk_weights must be true or false"),
+        ({"fan_in_fan_out": 1}, "fan_in_fan_out must be true or false"),
+        ({"init_logits_std": float("nan")}, "init_logits_std must be a finite number"),
+        ({"vblora_dropout": "0.1"}, "vblora_dropout must be a finite number"),
+        ({"target_modules": {"q_proj": 1}}, "target_modules must be a list of module names"),
+        ({"layers_to_transform": 1.5, "target_modules": ["q"]}, "an index or a list of them"),
+        ({"task_type": 3}, "task_type must be a string"),
     ],
 )
 def test_invalid_configs_fail_at_construction(kwargs: dict, message: str) -> None:

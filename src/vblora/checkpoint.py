@@ -147,7 +147,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
 def _config_from_json(text: str, source: str) -> VBLoRAConfig:
     try:
         return VBLoRAConfig.from_json(text)
-    except (json.JSONDecodeError, TypeError, ValueError) as err:
+    except (TypeError, ValueError, RecursionError) as err:  # RecursionError: absurdly nested JSON
         raise ValueError(f"{source}: not a valid VB-LoRA adapter config: {err}") from None
 
 
@@ -314,6 +314,8 @@ class _Plan:
     inference_only: bool = False
     copies: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # wrapper path -> state dict
     biases: dict[str, Tensor] = field(default_factory=dict)  # unwrapped parameter name -> value
+    # PEFT also saves the full weight of an adapted embed_tokens/lm_head (vocabularies get resized)
+    base_weights: dict[str, Tensor] = field(default_factory=dict)  # adapted module path -> weight
     problems: list[str] = field(default_factory=list)
 
     def fail_if_problems(self, source: object, adapter_name: str | None) -> None:
@@ -332,17 +334,23 @@ def _plan_targets(
     root: nn.Module, config: VBLoRAConfig, adapter_name: str, existing: dict[str, VBLoRAConfig]
 ) -> _Plan:
     """The layout the config produces in this model (read-only), or the reasons it cannot."""
+    from .model import adapter_name_problem, save_path_problem
+
     plan = _Plan(config, {}, [])
     if adapter_name in existing:
         plan.problems.append(f"adapter {adapter_name!r} already exists; delete it first or pick another name")
-    if not adapter_name or "." in adapter_name:
-        plan.problems.append(f"adapter name {adapter_name!r} must be non-empty and contain no '.'")
+    problem = adapter_name_problem(adapter_name)
+    if problem:
+        plan.problems.append(problem)
     if config.bias != "none" and any(c.bias != "none" for c in existing.values()):
         plan.problems.append(
             f"bias={config.bias!r}, but another adapter already trains biases (only one may)"
         )
     try:
         plan.save_paths = find_modules_to_save(root, config.modules_to_save or ())
+        problem = save_path_problem(root, plan.save_paths)
+        if problem:
+            raise ValueError(problem)
         targets = find_targets(root, config, exclude=plan.save_paths)
     except (TypeError, ValueError) as err:
         plan.problems.append(str(err))
@@ -414,26 +422,26 @@ def _topk_weights(plan: _Plan, name: str, indices: Tensor, partial: Tensor) -> T
     """All k weights (n, k) from valid indices (n, k) and k-1 stored weights (n, k-1), else None."""
     h, problems = plan.config.num_vectors, len(plan.problems)
     if indices.dtype == torch.bool or indices.is_floating_point() or indices.is_complex():
-        plan.problems.append(f"{name}_topk_indices: dtype {indices.dtype}; expected an integer dtype")
+        plan.problems.append(f"{name}topk_indices: dtype {indices.dtype}; expected an integer dtype")
         return None
     if not partial.is_floating_point():
-        plan.problems.append(f"{name}_topk_weights: dtype {partial.dtype}; expected a floating-point dtype")
+        plan.problems.append(f"{name}topk_weights: dtype {partial.dtype}; expected a floating-point dtype")
         return None
     indices, partial = indices.long(), partial.float()  # fp16/bf16 weights load too (PEFT's do not)
     if indices.numel() and (indices.min() < 0 or indices.max() >= h):
         plan.problems.append(
-            f"{name}_topk_indices: values {int(indices.min())}..{int(indices.max())} out of range "
+            f"{name}topk_indices: values {int(indices.min())}..{int(indices.max())} out of range "
             f"[0, {h}) for num_vectors={h}; the checkpoint is corrupt or belongs to a larger bank"
         )
     ordered = indices.sort(dim=-1).values
     if (ordered[:, 1:] == ordered[:, :-1]).any():
-        plan.problems.append(f"{name}_topk_indices: a sub-vector repeats an index; the checkpoint is corrupt")
+        plan.problems.append(f"{name}topk_indices: a sub-vector repeats an index; the checkpoint is corrupt")
     last = 1.0 - partial.sum(dim=-1, keepdim=True)
     if not torch.isfinite(partial).all():
-        plan.problems.append(f"{name}_topk_weights: contains NaN or inf; the checkpoint is corrupt")
+        plan.problems.append(f"{name}topk_weights: contains NaN or inf; the checkpoint is corrupt")
     elif (partial < 0).any() or (last < -1e-3).any():  # 1e-3: rounding of fp16 weights
         plan.problems.append(
-            f"{name}_topk_weights: weights must be >= 0 and the k-1 stored ones sum to at most 1; "
+            f"{name}topk_weights: weights must be >= 0 and the k-1 stored ones sum to at most 1; "
             "the checkpoint is corrupt"
         )
     if len(plan.problems) > problems:
@@ -458,7 +466,7 @@ def _check_topk(
             return None
     n = math.prod(lead)  # explicit: reshape(-1, 0) is ambiguous when k = 1
     indices = indices.reshape(n, k)
-    full = _topk_weights(plan, name, indices, weights.reshape(n, k - 1))
+    full = _topk_weights(plan, f"{name}_", indices, weights.reshape(n, k - 1))
     if full is None:
         return None
     plan.inference_only = True
@@ -606,9 +614,14 @@ def _plan_aux(plan: _Plan, root: nn.Module, aux: dict[str, Tensor]) -> None:
                 plan.copies[owner][rest] = tensor
             continue
         name = _unwrapped_name(key)
-        if plan.config.bias != "none" and name.rsplit(".", 1)[-1] == "bias" and name in params:
+        module, _, leaf = name.rpartition(".")
+        if plan.config.bias != "none" and leaf == "bias" and name in params:
             _check_tensor(plan, key, tensor, params[name])
             plan.biases[name] = tensor
+        elif leaf == "weight" and module in plan.layout:
+            weight = _unwrapped(root.get_submodule(module)).weight  # tied: listed under another name
+            _check_tensor(plan, key, tensor, weight)
+            plan.base_weights[module] = tensor  # loaded into the base layer, as PEFT does
         else:
             plan.problems.append(
                 f"{key}: unexpected tensor (not an adapted module, a modules_to_save "
@@ -703,6 +716,8 @@ def _install(model: VBLoRAModel, adapter_name: str, plan: _Plan, trainable: bool
         params = _base_parameters(model.model, [])
         for name, value in plan.biases.items():
             params[name].copy_(value)
+        for path, value in plan.base_weights.items():
+            _unwrapped(model.model.get_submodule(path)).weight.copy_(value)
     bank.inference_only = plan.inference_only
     bank.clear_cache()
 
@@ -766,6 +781,7 @@ def from_pretrained(
 def _wrap(
     cls: type[VBLoRAModel], base_model: nn.Module, adapter_name: str, plan: _Plan, is_trainable: bool
 ) -> VBLoRAModel:
+    flags = [(p, p.requires_grad) for p in base_model.parameters()]
     with warnings.catch_warnings():
         # PEFT writes fan_in_fan_out to suit Conv1D; each layer's own layout is used regardless.
         warnings.filterwarnings("ignore", message="fan_in_fan_out=")
@@ -773,8 +789,10 @@ def _wrap(
         model = cls(base_model, plan.config, adapter_name, initialise=False, trainable=is_trainable)
     try:
         _install(model, adapter_name, plan, is_trainable)
-    except BaseException:
+    except BaseException:  # e.g. Ctrl-C or out of memory mid-copy: the base model as it was
         model.unload()
+        for p, flag in flags:
+            p.requires_grad_(flag)
         raise
     if is_trainable:
         model.set_adapter(adapter_name)  # re-derive trainability now that the adapter is filled
@@ -889,7 +907,7 @@ def _stored_layout(plan: _Plan, text: str | None) -> dict[str, Slot]:
     try:
         entries = json.loads(text or "")
         shapes = [(str(p), int(i), int(o)) for p, i, o in entries]
-    except (json.JSONDecodeError, TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         shapes = []
     if not shapes or len({p for p, _, _ in shapes}) != len(shapes):
         plan.problems.append("header 'layout' is missing or malformed; the file is corrupt")
@@ -926,7 +944,7 @@ def _compact_selection(
         plan.problems.append(f"topk_weights: shape {tuple(weights.shape)}, expected {(count, k - 1)}")
         return None
     indices = unpack_bits(packed, bits, count * k).reshape(count, k)
-    full = _topk_weights(plan, "topk", indices, weights)
+    full = _topk_weights(plan, "", indices, weights)  # the file's own keys
     return None if full is None else (indices, full)
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,8 +24,8 @@ _PEFT_ONLY_KEYS = frozenset({"peft_type", "peft_version", "auto_mapping"})
 
 def _as_tuple(value: str | Sequence[str] | None) -> str | tuple[str, ...] | None:
     """Freeze a list of names into a tuple, keep a regex string (or None) as it is."""
-    if value is None or isinstance(value, str) or not isinstance(value, Iterable):
-        return value  # a non-iterable is reported by the validation
+    if value is None or isinstance(value, (str, Mapping)) or not isinstance(value, Iterable):
+        return value  # a non-iterable (or a dict) is reported by the validation
     return tuple(value)
 
 
@@ -100,6 +101,16 @@ class VBLoRAConfig:
 
         for name in ("r", "num_vectors", "vector_length", "topk"):
             positive_int(name)
+        for name in ("save_only_topk_weights", "fan_in_fan_out", "inference_mode"):
+            if not isinstance(getattr(self, name), bool):  # "false" would be truthy
+                raise ValueError(f"VBLoRAConfig: {name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("vblora_dropout", "init_vector_bank_bound", "init_logits_std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"VBLoRAConfig: {name} must be a finite number, got {value!r}")
+        for name in ("task_type", "base_model_name_or_path", "revision"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"VBLoRAConfig: {name} must be a string, got {getattr(self, name)!r}")
         for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -132,6 +143,10 @@ class VBLoRAConfig:
                 "put the layer indices into the regex, or pass target_modules as a list of names"
             )
         layers = self.layers_to_transform
+        if layers is not None and not isinstance(layers, (int, tuple)):
+            raise ValueError(
+                f"VBLoRAConfig: layers_to_transform must be an index or a list of them, got {layers!r}"
+            )
         indices = (layers,) if isinstance(layers, int) else (layers or ())
         if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in indices):
             raise ValueError(f"VBLoRAConfig: layers_to_transform must hold indices >= 0, got {layers!r}")

@@ -68,7 +68,7 @@ def read_adapter(folder: pathlib.Path) -> AdapterSummary:
             )
     try:
         config = VBLoRAConfig.from_dict(json.loads(config_file.read_text(encoding="utf-8")))
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, RecursionError) as err:
         raise DataError(f"{config_file}: not a VB-LoRA config ({err})") from None
     try:
         with safe_open(str(weights_file), framework="pt") as f:

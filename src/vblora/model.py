@@ -29,6 +29,35 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, name, module)
 
 
+def adapter_name_problem(name: object) -> str | None:
+    """Why ``name`` cannot name an adapter, or None. Names become state-dict keys and folder names."""
+    if not isinstance(name, str) or not name or any(c in name for c in "./\\\0"):
+        return f"adapter name {name!r} must be a non-empty string without '.', '/', '\\' or NUL"
+    if name == BASE_ADAPTER:
+        return f"adapter name {name!r} is reserved: adapter_names uses it for rows without an adapter"
+    return None
+
+
+def save_path_problem(root: nn.Module, save_paths: list[str]) -> str | None:
+    """Why a module to save cannot be: it holds other adapters' layers (its copies would hold copies)."""
+    for path in save_paths:
+        module = root.get_submodule(path)
+        if isinstance(module, ModulesToSaveWrapper):
+            continue  # another adapter saves it too: it holds no adapter layer (checked then)
+        inner = [
+            f"{path}.{name}"
+            for name, m in module.named_modules()
+            if isinstance(m, (VBLoRALayer, ModulesToSaveWrapper))
+        ]
+        if inner:
+            return (
+                f"modules_to_save {path!r} contains modules that other adapters adapt or save "
+                f"({inner[0]}); a trainable copy of it would copy them too. Save a smaller module, "
+                "or leave those modules out of the other adapters"
+            )
+    return None
+
+
 def _divisibility_error(path: str, in_features: int, out_features: int, b: int) -> ValueError:
     import math
 
@@ -234,8 +263,9 @@ class VBLoRAModel(nn.Module):
             raise TypeError(f"config must be a VBLoRAConfig, got {type(config).__name__}")
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or pick a new name")
-        if "." in adapter_name or not adapter_name:
-            raise ValueError(f"adapter name {adapter_name!r} must be non-empty and contain no '.'")
+        problem = adapter_name_problem(adapter_name)
+        if problem:
+            raise ValueError(problem)
         if config.bias != "none" and any(c.bias != "none" for c in self.peft_config.values()):
             raise ValueError("only one adapter may train biases (bias != 'none')")
         save_paths = find_modules_to_save(self.model, config.modules_to_save or ())
@@ -280,22 +310,9 @@ class VBLoRAModel(nn.Module):
             self.set_adapter(adapter_name)
 
     def _check_save_paths(self, save_paths: list[str]) -> None:
-        """A module to save must not hold other adapters' layers: its copies would hold copies of them."""
-        for path in save_paths:
-            module = self.model.get_submodule(path)
-            if isinstance(module, ModulesToSaveWrapper):
-                continue  # another adapter saves it too: it holds no adapter layer (checked then)
-            inner = [
-                f"{path}.{name}"
-                for name, m in module.named_modules()
-                if isinstance(m, (VBLoRALayer, ModulesToSaveWrapper))
-            ]
-            if inner:
-                raise ValueError(
-                    f"modules_to_save {path!r} contains modules that other adapters adapt or save "
-                    f"({inner[0]}); a trainable copy of it would copy them too. Save a smaller module, "
-                    "or leave those modules out of the other adapters"
-                )
+        problem = save_path_problem(self.model, save_paths)
+        if problem:
+            raise ValueError(problem)
 
     def _check_shapes(self, targets: list[str], config: VBLoRAConfig) -> list[tuple[str, int, int]]:
         b = config.vector_length

@@ -254,7 +254,7 @@ def open_run(path: pathlib.Path, overrides: dict[str, Any]) -> SavedRun:
         try:
             metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
             settings = RunSettings(**metrics["settings"])
-        except (ValueError, KeyError, TypeError) as err:
+        except (ValueError, KeyError, TypeError, RecursionError) as err:
             raise RunError(f"{metrics_file}: not a metrics.json written by `vblora train` ({err})") from None
     else:
         settings = _settings_from_adapter(config_file)
@@ -264,8 +264,10 @@ def open_run(path: pathlib.Path, overrides: dict[str, Any]) -> SavedRun:
 def _settings_from_adapter(config_file: pathlib.Path) -> RunSettings:
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:
         raise RunError(f"{config_file}: not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise RunError(f"{config_file}: not a VB-LoRA adapter config (expected a JSON object)")
     task = CAUSAL_LM if str(config.get("task_type", "")).upper() == "CAUSAL_LM" else SEQ_CLS
     return RunSettings(task=task, model=config.get("base_model_name_or_path"))
 
