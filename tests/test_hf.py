@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,48 @@ def test_resume_and_best_model_copy_the_checkpoint_into_the_live_adapter(tmp_pat
     )
     third.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
     assert third.state.best_model_checkpoint is not None and third.state.global_step == 4
+
+
+def test_resume_restores_every_active_adapter_by_name_with_its_biases(tmp_path: Path) -> None:
+    """Adapters not named "default" live in checkpoint-N/<name>/; several may be active; one may
+    train biases. Resuming from a checkpoint gives exactly the uninterrupted run's parameters."""
+
+    def build() -> VBLoRAModel:
+        torch.manual_seed(0)
+        model = get_vblora_model(tiny_bert(), dataclasses.replace(CONFIG, bias="all"), "alice")
+        model.add_adapter("bob", dataclasses.replace(CONFIG, target_modules=["key"], modules_to_save=None))
+        model.add_adapter("frozen", dataclasses.replace(CONFIG, modules_to_save=None))
+        model.set_adapter(["alice", "bob"])
+        return model
+
+    def trained(out: Path, steps: int, resume: Path | None = None) -> VBLoRAModel:
+        model = build()
+        args = arguments(out, max_steps=steps, num_train_epochs=2)
+        trainer = VBLoRATrainer(model, args, train_dataset=dataset(), logits_lr=0.05, bank_lr=0.01)
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        return model
+
+    straight = trained(tmp_path / "straight", 4)  # it saves checkpoint-2 on the way
+    assert (tmp_path / "straight" / "checkpoint-2" / "alice" / "adapter_config.json").is_file()
+    resumed = trained(tmp_path / "resumed", 4, resume=tmp_path / "straight" / "checkpoint-2")
+    for name in ("alice", "bob", "frozen"):
+        for tensor in ("bank", "logits"):
+            a, b = getattr(straight.vblora_banks[name], tensor), getattr(resumed.vblora_banks[name], tensor)
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+    biases = {n: p for n, p in straight.named_parameters() if n.endswith("bias") and p.requires_grad}
+    assert biases  # bias="all": trained, and restored exactly
+    resumed_params = dict(resumed.named_parameters())
+    for n, p in biases.items():
+        torch.testing.assert_close(resumed_params[n], p, atol=0, rtol=0)
+    assert resumed.active_adapters == ["alice", "bob"]
+
+
+def test_trainer_gradient_checkpointing_and_neftune_reach_the_base_model(tmp_path: Path) -> None:
+    for extra in ({"gradient_checkpointing": True}, {"neftune_noise_alpha": 5.0}):
+        trainer = trainer_for(tmp_path / str(len(extra)), max_steps=2, **extra)
+        trainer.train()
+        assert trainer.state.global_step == 2
+    model = trainer_for(tmp_path / "x").model
+    assert model.get_input_embeddings() is model.model.bert.embeddings.word_embeddings
+    with pytest.raises(ValueError, match="non-reentrant"):
+        model.gradient_checkpointing_enable({"use_reentrant": True})

@@ -752,6 +752,44 @@ def load_adapter(model: VBLoRAModel, path: StrPath, adapter_name: str, is_traina
         model.eval()  # as PEFT: an inference load disables dropout
 
 
+def restore_adapters(model: VBLoRAModel, path: StrPath, names: list[str]) -> None:
+    """Copy the saved tensors of adapters ``names`` back into the same adapters of ``model``, in
+    place (an optimizer keeps pointing at them): resuming training, or the best checkpoint.
+
+    ``path`` is a directory written by :func:`save_pretrained` (``default`` at its root, any other
+    adapter in ``path/<name>/``) with full logits. Every adapter is read and checked against the live
+    one (same layout, heads, biases) before any tensor is copied.
+
+    Raises:
+        ValueError: a directory is missing, unreadable, top-k only, or does not fit its adapter.
+    """
+    plans = []
+    for name in names:
+        config, tensors, folder = _read_directory(Path(path) if name == "default" else Path(path) / name)
+        plan = _plan_directory(model.model, config, tensors, name, {})  # {}: no clash with itself
+        plan.fail_if_problems(folder, name)
+        if plan.logits is None or plan.inference_only:
+            raise ValueError(
+                f"{folder}: adapter {name!r} was saved without its full logits; cannot resume it"
+            )
+        if plan.layout != model.vblora_banks[name].layout:
+            raise ValueError(f"{folder}: adapter {name!r} was saved with other modules than the live one")
+        plans.append((name, plan))
+    with torch.no_grad():
+        for name, plan in plans:
+            bank = model.vblora_banks[name]
+            bank.bank.copy_(plan.bank)
+            bank.logits.copy_(plan.logits)
+            for wrapper_path, state in plan.copies.items():
+                model.model.get_submodule(wrapper_path).modules_to_save[name].load_state_dict(state)
+            params = _base_parameters(model.model, [])
+            for param_name, value in plan.biases.items():
+                params[param_name].copy_(value)
+            for module_path, value in plan.base_weights.items():
+                _unwrapped(model.model.get_submodule(module_path)).weight.copy_(value)
+            bank.clear_cache()
+
+
 def from_pretrained(
     cls: type[VBLoRAModel],
     base_model: nn.Module,

@@ -21,11 +21,9 @@ from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.utils import can_return_loss, find_labels
 
-from .checkpoint import adapters_sharded
+from .checkpoint import adapters_sharded, restore_adapters
 from .model import VBLoRAModel
 from .optim import optimizer_param_groups
-
-_CHECKPOINT_ADAPTER = "_checkpoint"  # temporary name while a checkpoint is copied into the live adapter
 
 __all__ = ["VBLoRATrainer"]
 
@@ -126,19 +124,6 @@ class VBLoRATrainer(Trainer):
         self._copy_adapter_from(self.state.best_model_checkpoint)
 
     def _copy_adapter_from(self, folder: str) -> None:
-        """Load ``folder`` as a temporary adapter and copy its tensors into the active one, in place."""
+        """Copy the saved tensors of every trained (active) adapter back into it, in place."""
         model: VBLoRAModel = self.accelerator.unwrap_model(self.model)
-        name = model.active_adapters[0]
-        model.load_adapter(folder, _CHECKPOINT_ADAPTER, is_trainable=True)
-        try:
-            live, saved = model.vblora_banks[name], model.vblora_banks[_CHECKPOINT_ADAPTER]
-            with torch.no_grad():
-                live.bank.copy_(saved.bank)
-                live.logits.copy_(saved.logits)
-            for wrapper in model._save_wrappers():
-                copies = wrapper.modules_to_save
-                if name in copies and _CHECKPOINT_ADAPTER in copies:
-                    copies[name].load_state_dict(copies[_CHECKPOINT_ADAPTER].state_dict())
-        finally:
-            model.delete_adapter(_CHECKPOINT_ADAPTER)
-            model.set_adapter(name)
+        restore_adapters(model, folder, [n for n in model.active_adapters if model._trainable(n)])
