@@ -208,3 +208,18 @@ def test_linear_subclass_is_wrapped() -> None:
     model = nn.Sequential(MyLinear(8, 8))
     vm = get_vblora_model(model, cfg(target_modules=["0"], vector_length=4))
     assert isinstance(vm.model[0], VBLoRALayer) and isinstance(vm.model[0].base_layer, MyLinear)
+
+
+def test_seq_cls_without_the_head_in_modules_to_save_warns_that_it_stays_frozen() -> None:
+    """PEFT silently adds classifier/score to modules_to_save for SEQ_CLS; we keep the config as
+    given, and say that the head is neither trained nor saved."""
+    import warnings
+
+    settings = {"target_modules": ["query"], "task_type": "SEQ_CLS"}
+    with pytest.warns(UserWarning, match="classifier head 'classifier' is not in modules_to_save"):
+        model = get_vblora_model(tiny_bert(), cfg(**settings))
+    assert not model.model.classifier.weight.requires_grad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        get_vblora_model(tiny_bert(), cfg(**settings, modules_to_save=["classifier"]))
+        get_vblora_model(tiny_bert(), cfg(target_modules=["query"]))  # no task type: no guess

@@ -20,7 +20,7 @@ from .bank import AdapterBank, build_layout
 from .config import VBLoRAConfig
 from .layer import ModulesToSaveWrapper, VBLoRALayer, layer_features
 from .serving import BASE_ADAPTER, RowRouting
-from .targeting import find_modules_to_save, find_targets, walk_modules
+from .targeting import SEQ_CLS_HEAD_NAMES, find_modules_to_save, find_targets, walk_modules
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -56,6 +56,22 @@ def save_path_problem(root: nn.Module, save_paths: list[str]) -> str | None:
                 "or leave those modules out of the other adapters"
             )
     return None
+
+
+def _warn_untrained_head(model: nn.Module, config: VBLoRAConfig, save_paths: list[str]) -> None:
+    """PEFT adds ``classifier``/``score`` to ``modules_to_save`` for ``task_type="SEQ_CLS"``; this
+    library does not change a config behind the user's back, so it says what stays frozen."""
+    if str(config.task_type).upper() != "SEQ_CLS":
+        return
+    heads = [n for n in SEQ_CLS_HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
+    frozen = [n for n in heads if not any(n == p or n.startswith(p + ".") for p in save_paths)]
+    if frozen:
+        warnings.warn(
+            f"task_type='SEQ_CLS' but the classifier head {frozen[0]!r} is not in modules_to_save, so it "
+            "is neither trained nor saved (PEFT would add it). Pass "
+            "modules_to_save=['classifier', 'score'] to train it with the adapter",
+            stacklevel=4,
+        )
 
 
 def _divisibility_error(path: str, in_features: int, out_features: int, b: int) -> ValueError:
@@ -309,6 +325,8 @@ class VBLoRAModel(nn.Module):
             raise ValueError("only one adapter may train biases (bias != 'none')")
         save_paths = find_modules_to_save(self.model, config.modules_to_save or ())
         self._check_save_paths(save_paths)
+        if initialise:  # a new adapter, not a load
+            _warn_untrained_head(self.model, config, save_paths)
         targets = find_targets(self.model, config, exclude=save_paths)
         shapes = self._check_shapes(targets, config)
         device = self._device_of(targets[0])
