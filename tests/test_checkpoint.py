@@ -656,6 +656,21 @@ def test_a_failed_install_restores_the_base_models_trainable_flags(bases, tmp_pa
     _assert_unchanged(base, before)
 
 
+def test_peft_style_save_arguments_and_empty_or_plural_names(bases, tmp_path):
+    ours = _ours(bases["bert"], "bert", bias="none")
+    ours.add_adapter("b", ours.peft_config["default"])
+    ours.save_pretrained(tmp_path / "peft-style", selected_adapters=["b"], safe_serialization=True)
+    assert sorted(p.name for p in (tmp_path / "peft-style").iterdir()) == ["b"]  # PEFT's layout
+    with pytest.raises(ValueError, match="safetensors only"):
+        ours.save_pretrained(tmp_path / "x", safe_serialization=False)
+    with pytest.raises(ValueError, match="no adapter to save"):
+        ours.save_pretrained(tmp_path / "x", adapter_name=[])
+    for writer in (save_compact, export_lora):
+        with pytest.raises(ValueError, match="must be one adapter's name"):
+            writer(ours, tmp_path / "x", adapter_name=["default", "b"])
+    assert not (tmp_path / "x").exists()
+
+
 def test_pickle_checkpoints_are_refused(bases, tmp_path, monkeypatch):
     _ours(bases["bert"], "bert").save_pretrained(tmp_path)
     (tmp_path / ck.WEIGHTS_NAME).rename(tmp_path / ck.PICKLE_NAME)

@@ -154,3 +154,11 @@ def test_trainer_gradient_checkpointing_and_neftune_reach_the_base_model(tmp_pat
     assert model.get_input_embeddings() is model.model.bert.embeddings.word_embeddings
     with pytest.raises(ValueError, match="non-reentrant"):
         model.gradient_checkpointing_enable({"use_reentrant": True})
+
+
+def test_a_model_with_nothing_to_train_is_refused_with_the_reason(tmp_path: Path) -> None:
+    trained = get_vblora_model(tiny_bert(), CONFIG)
+    trained.save_pretrained(tmp_path / "adapter")
+    loaded = VBLoRAModel.from_pretrained(tiny_bert(), tmp_path / "adapter")  # for inference
+    with pytest.raises(ValueError, match=r"nothing to train.*is_trainable=True"):
+        VBLoRATrainer(loaded, arguments(tmp_path / "out"), train_dataset=dataset())

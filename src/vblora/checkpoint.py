@@ -243,10 +243,18 @@ def _adapter_names(model: VBLoRAModel, adapter_name: str | list[str] | tuple[str
         names = list(model.peft_config)
     else:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+    if not names:
+        raise ValueError(f"no adapter to save: adapter_name is empty; existing: {list(model.peft_config)}")
     unknown = [n for n in names if n not in model.peft_config]
     if unknown:
         raise ValueError(f"unknown adapter(s) {unknown}; existing: {list(model.peft_config)}")
     return names
+
+
+def _one_adapter(model: VBLoRAModel, adapter_name: object) -> None:
+    if not isinstance(adapter_name, str):
+        raise ValueError(f"adapter_name must be one adapter's name (a file holds one), got {adapter_name!r}")
+    _adapter_names(model, adapter_name)
 
 
 def save_pretrained(
@@ -885,7 +893,7 @@ def save_compact(
     """
     if bank_dtype not in COMPACT_BANK_DTYPES.values():
         raise ValueError(f"bank_dtype must be torch.float32, float16, bfloat16 or int8, got {bank_dtype}")
-    _adapter_names(model, adapter_name)
+    _one_adapter(model, adapter_name)
     bank = model.vblora_banks[adapter_name]
     indices, weights = bank.selection()  # (P, k) each
     bits = _index_bits(bank.num_vectors)
@@ -1110,7 +1118,7 @@ def export_lora(model: VBLoRAModel, save_directory: StrPath, adapter_name: str =
     ``lora_alpha = r`` makes PEFT's scaling 1, so ``B @ A`` is exactly our update; the target list
     is the adapted modules' paths; ``modules_to_save`` copies and trained biases are carried over.
     """
-    _adapter_names(model, adapter_name)
+    _one_adapter(model, adapter_name)
     config, bank = model.peft_config[adapter_name], model.vblora_banks[adapter_name]
     sub = bank.subvectors()  # (P, b) in fp32, without autograd
     tensors: dict[str, Tensor] = {}

@@ -59,6 +59,12 @@ class VBLoRATrainer(Trainer):
     ) -> None:
         if not isinstance(model, VBLoRAModel):
             raise TypeError(f"VBLoRATrainer needs a VBLoRAModel, got {type(model).__name__}; wrap it first")
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError(
+                f"the model has nothing to train: its active adapter(s) {model.active_adapters} were loaded "
+                "for inference (is_trainable=False, or a top-k checkpoint). Load a full-logits adapter "
+                "with is_trainable=True, or add a new one"
+            )
         self.vblora_lrs = {"logits_lr": logits_lr, "bank_lr": bank_lr, "other_lr": other_lr}
         super().__init__(model, *args, **kwargs)
         # Trainer reads these from forward signatures; ours is (*args, **kwargs), so ask the base model.

@@ -660,10 +660,24 @@ class VBLoRAModel(nn.Module):
         save_directory: str | PathLike[str],
         adapter_name: str | Sequence[str] | None = None,
         save_only_topk_weights: bool | None = None,
+        *,
+        selected_adapters: Sequence[str] | None = None,
+        safe_serialization: bool = True,
     ) -> None:
-        """Write a PEFT-compatible adapter directory (see :mod:`vblora.checkpoint`)."""
+        """Write a PEFT-compatible adapter directory (see :mod:`vblora.checkpoint`).
+
+        ``selected_adapters`` and ``safe_serialization`` are PEFT's names, accepted so that code
+        written for PEFT runs unchanged: the first is ``adapter_name``; the files are always
+        safetensors (``safe_serialization=False``, a pickle file, is refused).
+        """
         from .checkpoint import save_pretrained
 
+        if not safe_serialization:
+            raise ValueError("vblora writes safetensors only (no pickle); drop safe_serialization=False")
+        if selected_adapters is not None:
+            if adapter_name is not None:
+                raise ValueError("pass adapter_name or PEFT's selected_adapters, not both")
+            adapter_name = list(selected_adapters)
         save_pretrained(self, save_directory, adapter_name, save_only_topk_weights)
 
     @classmethod
