@@ -887,3 +887,25 @@ def test_read_compact_returns_what_load_compact_serves(bases, tmp_path):
     assert torch.allclose(contents.weights.sum(dim=-1), torch.ones(len(contents.weights)), atol=1e-3)
     served = load_compact(copy.deepcopy(bases["bert"]), tmp_path / "a.vblora").vblora_banks["default"]
     torch.testing.assert_close(contents.bank, served.bank.detach())
+
+
+def _sizes_as_strings(_: dict, metadata: dict) -> None:
+    metadata["layout"] = json.dumps([[p, str(i), o] for p, i, o in json.loads(metadata["layout"])])
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda tensors, _: tensors.update(extra=torch.zeros(1)), "extra: unexpected key"),
+        (_sizes_as_strings, "header 'layout' is missing or malformed"),
+    ],
+    ids=["stray-tensor", "sizes-as-strings"],
+)
+def test_read_compact_refuses_what_load_compact_refuses(bases, tmp_path, edit, message):
+    path = tmp_path / "a.vblora"
+    save_compact(_ours(bases["bert"], "bert"), path)
+    _rewrite_compact(path, edit)
+    with pytest.raises(ValueError, match=message):
+        ck.read_compact(path)
+    with pytest.raises(ValueError, match=message):
+        load_compact(copy.deepcopy(bases["bert"]), path)

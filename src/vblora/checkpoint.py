@@ -952,7 +952,9 @@ def _stored_layout(plan: _Plan, text: str | None) -> dict[str, Slot]:
     """The layout from the header: ``[[path, in, out], ...]`` in table order."""
     try:
         entries = json.loads(text or "")
-        shapes = [(str(p), int(i), int(o)) for p, i, o in entries]
+        shapes = [(p, i, o) for p, i, o in entries]
+        if not all(isinstance(p, str) and type(i) is int and type(o) is int for p, i, o in shapes):
+            shapes = []  # a path and two integer sizes per module, nothing else
     except (TypeError, ValueError, RecursionError):
         shapes = []
     if not shapes or len({p for p, _, _ in shapes}) != len(shapes):
@@ -1043,7 +1045,9 @@ def read_compact(path: StrPath) -> CompactContents:
     source = Path(path)
     tensors, metadata = _read_safetensors(source)
     plan = _Plan(_config_of_header(metadata), {}, [])
-    stored, selection = _check_compact_contents(plan, dict(tensors), metadata)
+    rest = dict(tensors)
+    stored, selection = _check_compact_contents(plan, rest, metadata)
+    _strip_prefix(plan, rest)  # heads and biases are checked against a model by load_compact
     plan.fail_if_problems(source, None)
     assert plan.bank is not None and selection is not None
     return CompactContents(plan.config, stored, plan.bank, *selection, tensors=tensors)
