@@ -157,3 +157,40 @@ def test_mixed_batch_refuses_a_saved_module_called_with_more_than_its_input() ->
         model(**inputs, adapter_names=["a", "b"])
     with torch.no_grad():  # nothing was left routed
         torch.testing.assert_close(output_tensor(model(**inputs)), per_adapter(model, inputs, "a"))
+
+
+def test_mixed_batch_refuses_what_it_cannot_route_by_row() -> None:
+    """Rows are told apart by position along the first dimension; anything else is refused
+    rather than run on the wrong rows."""
+    from torch import nn
+
+    class SequenceFirst(nn.Module):  # like nn.Transformer(batch_first=False): (T, B, H) inside
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.proj = nn.Embedding(64, 16), nn.Linear(16, 16)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.proj(self.emb(ids).transpose(0, 1)).transpose(0, 1)
+
+    cfg = VBLoRAConfig(num_vectors=8, vector_length=8, target_modules=["proj"])
+    seq_first = get_vblora_model(SequenceFirst(), cfg, "a")
+    seq_first.add_adapter("b", cfg)
+    with pytest.raises(ValueError, match=r"proj saw an input of 5 rows, not the batch's 2.*batch-major"):
+        seq_first(torch.randint(0, 64, (2, 5)), adapter_names=["a", "b"])
+
+    model = llama_with_adapters()
+    inputs = model_inputs("llama", batch=2)
+    for names, message in (
+        (["a", 1], "must hold adapter names"),
+        ({"a": 1, "b": 2}, "must be a list of names"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            model(**inputs, adapter_names=names)
+    with model.disable_adapter(), pytest.raises(ValueError, match=r"inside disable_adapter\(\)"):
+        model(**inputs, adapter_names=["a", "b"])
+    model.train()
+    model.activation_checkpointing_enable()
+    with pytest.raises(ValueError, match="cannot train with gradient checkpointing"):
+        model(**inputs, adapter_names=["a", "b"])
+    with torch.no_grad():  # inference recomputes nothing: allowed
+        model(**inputs, adapter_names=["a", "b"])

@@ -147,7 +147,7 @@ class VBLoRALayer(nn.Module):
             bank = self.banks.get(name)
             if bank is None:
                 continue
-            rows = routing.rows_for(name, x.shape[0])
+            rows = routing.rows_for(name, x.shape[0], self.path)
             a, b = bank.factors(self.path)
             result = mixed_delta(
                 result,
@@ -248,7 +248,7 @@ class ModulesToSaveWrapper(nn.Module):
         result = self.original_module(x)
         for name in routing.rows:  # the batch's adapters, not every adapter loaded
             if name in self.modules_to_save:
-                rows = routing.rows_for(name, x.shape[0])
                 module = self.modules_to_save[name]
+                rows = routing.rows_for(name, x.shape[0], f"the saved {type(module).__name__}")
                 result = result.index_copy(0, rows, module(x.index_select(0, rows)).to(result.dtype))
         return result

@@ -122,6 +122,7 @@ class VBLoRAModel(nn.Module):
         self._frozen: set[str] = set()  # adapters loaded for inference: never made trainable
         self._recent: dict[str, None] = {}  # adapters with composed factors, least recent first
         self._max_cached = 8
+        self._disabled = False  # inside disable_adapter()
         self.add_adapter(adapter_name, config, initialise=initialise, trainable=trainable)
         for p in model.parameters():  # after add_adapter: a refused config leaves the model as it was
             p.requires_grad_(False)
@@ -143,14 +144,25 @@ class VBLoRAModel(nn.Module):
         """The base model's ``generate``; ``adapter_names`` gives each row its own adapter."""
         if adapter_names is None:
             return self.model.generate(*args, **kwargs)
-        with self._mixed_batch(adapter_names, _input_rows(args, kwargs)):
+        with self._mixed_batch(adapter_names, _input_rows(args, kwargs), self._generate_repeat(kwargs)):
             return self.model.generate(*args, **kwargs)
 
+    def _generate_repeat(self, kwargs: dict[str, Any]) -> int:
+        """How many times ``generate`` repeats each input row: the beams of a beam search, else
+        ``num_return_sequences`` (transformers' expansion of the inputs)."""
+        config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+        beams = kwargs.get("num_beams") or getattr(config, "num_beams", None) or 1
+        returns = kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", None) or 1
+        return int(beams) if beams > 1 else int(returns)
+
     @contextlib.contextmanager
-    def _mixed_batch(self, adapter_names: Sequence[str], rows: int | None) -> Iterator[None]:
-        """Route each row of the input (``rows`` of them, None if unknown) through its adapter."""
+    def _mixed_batch(self, adapter_names: Sequence[str], rows: int | None, repeat: int = 1) -> Iterator[None]:
+        """Route each row of the input (``rows`` of them, None if unknown) through its adapter;
+        ``generate`` repeats each row ``repeat`` times."""
         if isinstance(adapter_names, str):
             names = [adapter_names] * (rows or 1)
+        elif not isinstance(adapter_names, (list, tuple)):
+            raise ValueError(f"adapter_names must be a list of names, got {type(adapter_names).__name__}")
         else:
             names = list(adapter_names)
             if rows is not None and len(names) != rows:
@@ -158,16 +170,33 @@ class VBLoRAModel(nn.Module):
                     f"adapter_names has {len(names)} entries for an input of {rows} rows; "
                     "pass one adapter name per row (or one name for every row)"
                 )
+        bad = [n for n in names if not isinstance(n, str)]
+        if bad:
+            raise ValueError(f"adapter_names must hold adapter names (strings), got {bad[0]!r}")
         unknown = sorted({n for n in names if n != BASE_ADAPTER and n not in self.peft_config})
         if unknown:
+            known = list(self.peft_config)
+            shown = f"{known[:10]} and {len(known) - 10} more" if len(known) > 10 else f"{known}"
             raise ValueError(
-                f"adapter_names: unknown adapter(s) {unknown}; "
-                f"use {list(self.peft_config)} or {BASE_ADAPTER!r}"
+                f"adapter_names: unknown adapter(s) {unknown[:10]}; use {shown} or {BASE_ADAPTER!r}"
             )
         if self.merged_adapters:
             raise ValueError("adapter_names needs unmerged adapters; call unmerge_adapter() first")
+        if self._disabled:
+            raise ValueError(
+                "adapter_names inside disable_adapter(): leave the block, or name rows '__base__'"
+            )
+        checkpointed = (
+            m for m in self.model.modules() if getattr(m, "gradient_checkpointing", False) is True
+        )
+        if torch.is_grad_enabled() and self.model.training and next(checkpointed, None) is not None:
+            raise ValueError(
+                "a mixed-adapter batch cannot train with gradient checkpointing: the checkpointed "
+                "layers run again in backward, after the rows' routing is gone. Disable checkpointing, "
+                "or train one adapter per batch"
+            )
         device = next(iter(self.vblora_banks.values())).bank.device
-        routing = RowRouting.from_names(names, device)
+        routing = RowRouting.from_names(names, device, repeat)
         modules = [*self.vblora_layers(), *self._save_wrappers()]
         self._routed = tuple(routing.rows)
         for module in modules:
@@ -511,9 +540,11 @@ class VBLoRAModel(nn.Module):
             self.unmerge_adapter()
         for module in (*layers, *wrappers):
             module.disabled = True
+        self._disabled = True
         try:
             yield
         finally:
+            self._disabled = False
             for module in (*layers, *wrappers):
                 module.disabled = False
             if merged:

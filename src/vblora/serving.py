@@ -24,40 +24,51 @@ class RowRouting:
     Args:
         batch_size: the number of rows the names were given for.
         rows: adapter name -> (n,) long tensor of row indices (``__base__`` rows are absent).
+        repeat: how many times ``generate`` repeats each row, consecutively (beams, or
+            ``num_return_sequences``); 1 in a plain forward.
     """
 
     batch_size: int
     rows: dict[str, Tensor]
-    _expanded: dict[tuple[str, int], Tensor] = field(default_factory=dict)
+    repeat: int = 1
+    _expanded: dict[str, Tensor] = field(default_factory=dict)
 
     @classmethod
-    def from_names(cls, names: Sequence[str], device: torch.device) -> RowRouting:
+    def from_names(cls, names: Sequence[str], device: torch.device, repeat: int = 1) -> RowRouting:
         groups: dict[str, list[int]] = {}
         for row, name in enumerate(names):
             if name != BASE_ADAPTER:
                 groups.setdefault(name, []).append(row)
         rows = {name: torch.tensor(idx, dtype=torch.long, device=device) for name, idx in groups.items()}
-        return cls(len(names), rows)
+        return cls(len(names), rows, repeat)
 
-    def rows_for(self, name: str, n: int) -> Tensor | None:
-        """Row indices of adapter ``name`` in a batch of ``n`` rows.
+    def rows_for(self, name: str, n: int, where: str = "a layer") -> Tensor | None:
+        """Row indices of adapter ``name`` in an input of ``n`` rows at ``where``: the batch, or in
+        ``generate`` the batch with each row repeated ``repeat`` times.
 
-        ``n`` may be a multiple of the original batch (beam search and ``num_return_sequences``
-        repeat each row consecutively); the indices are expanded accordingly.
+        Rows are told apart by their position along the first dimension, so any other first
+        dimension (a mixture-of-experts layer's routed tokens, a sequence-first layer) is refused:
+        from its shape alone, nothing says which row a slice belongs to.
         """
         idx = self.rows.get(name)
-        if idx is None or n == self.batch_size:
+        if n == self.batch_size:
             return idx
-        if n % self.batch_size:
-            raise ValueError(
-                f"adapter_names has {self.batch_size} entries but a layer saw a batch of {n} rows; "
-                "pass one adapter name per row of the input"
+        if n != self.batch_size * self.repeat:
+            expected = f"{self.batch_size}" + (
+                f" (or {self.batch_size * self.repeat})" if self.repeat > 1 else ""
             )
-        key = (name, n)
-        if key not in self._expanded:
-            m = n // self.batch_size
-            self._expanded[key] = (idx[:, None] * m + torch.arange(m, device=idx.device)).reshape(-1)
-        return self._expanded[key]
+            raise ValueError(
+                f"mixed-adapter batch: {where} saw an input of {n} rows, not the batch's {expected}; "
+                "adapter_names needs layers whose inputs are batch-major (one name per input row, "
+                "mixture-of-experts and sequence-first layers are not): leave such layers out of "
+                "target_modules, or run each adapter's rows as its own batch"
+            )
+        if idx is None:
+            return None
+        if name not in self._expanded:
+            m = self.repeat
+            self._expanded[name] = (idx[:, None] * m + torch.arange(m, device=idx.device)).reshape(-1)
+        return self._expanded[name]
 
 
 def mixed_delta(result: Tensor, x: Tensor, rows: Tensor, delta_fn: object) -> Tensor:
