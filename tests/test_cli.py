@@ -537,6 +537,8 @@ def test_an_adapter_for_another_base_model_names_the_first_problem(trained: Path
     code, _, err = run("eval", broken)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "truncated or corrupt" in err and "--model" not in err
+    code, _, err = run("merge", broken / "adapter", "--output", tmp_path / "m")  # no metrics.json either
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "truncated or corrupt" in err, err
 
 
 # --------------------------------------------------------------------------- help

@@ -293,6 +293,22 @@ def test_a_submodule_called_directly_gets_current_factors() -> None:
     assert model.vblora_banks["default"].logits.grad.abs().sum() > 0
 
 
+def test_a_forward_stopped_by_ctrl_c_leaves_no_trusted_stale_factors() -> None:
+    model, inputs = build("mlp")
+    model.eval()
+    stop = model.model.lin1.register_forward_pre_hook(lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        run(model, inputs)
+    stop.remove()
+    bank = model.vblora_banks["default"]
+    assert not bank.in_pass  # the end hook misses KeyboardInterrupt; forward's finally does not
+    with torch.no_grad():
+        bank.bank.add_(1.0)
+        direct = model.model.lin0(inputs["x"])  # a layer called directly checks its factors
+        bank.clear_cache()
+        torch.testing.assert_close(direct, model.model.lin0(inputs["x"]), atol=0, rtol=0)
+
+
 def test_generate_matches_step_by_step_argmax() -> None:
     model, _ = build("llama")
     ids = torch.randint(1, 128, (1, 5), generator=torch.Generator().manual_seed(0))
@@ -629,6 +645,21 @@ def test_a_refused_config_leaves_the_base_model_trainable_as_it_was() -> None:
         get_vblora_model(base, VBLoRAConfig(r=2, num_vectors=16, vector_length=8, target_modules=["0"]))
     assert all(p.requires_grad for p in base.parameters())
     assert not any(isinstance(m, VBLoRALayer) for m in base.modules())
+
+
+def test_modules_to_save_and_target_clashes_name_the_clash() -> None:
+    base = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    with pytest.raises(ValueError, match="matched only modules that modules_to_save trains in full"):
+        get_vblora_model(
+            base, VBLoRAConfig(num_vectors=4, vector_length=8, target_modules=["1"], modules_to_save=["1"])
+        )
+    model = get_vblora_model(base, VBLoRAConfig(num_vectors=4, vector_length=8, target_modules=["0"]))
+    with pytest.raises(ValueError, match="'0' is a layer another adapter adapts"):
+        model.add_adapter(
+            "b", VBLoRAConfig(num_vectors=4, vector_length=8, target_modules=["1"], modules_to_save=["0"])
+        )
+    with pytest.raises(ValueError, match="safe_serialization: pass it by keyword"):
+        model.save_pretrained("unused", True)  # PEFT's second positional argument
 
 
 def test_config_is_not_mutated_by_injection() -> None:

@@ -194,3 +194,24 @@ def test_mixed_batch_refuses_what_it_cannot_route_by_row() -> None:
         model(**inputs, adapter_names=["a", "b"])
     with torch.no_grad():  # inference recomputes nothing: allowed
         model(**inputs, adapter_names=["a", "b"])
+
+
+def test_mixed_generate_reads_beams_from_every_place_generate_does() -> None:
+    """num_beams can come from the call, a generation_config passed to it, or the model's own."""
+    from transformers import GenerationConfig
+
+    model = llama_with_adapters()
+    ids = torch.randint(1, 128, (2, 4), generator=torch.Generator().manual_seed(0))
+    model.model.generation_config.num_beams = 2
+    model.model.generation_config.pad_token_id = 0
+    mixed = model.generate(
+        input_ids=ids,
+        generation_config=GenerationConfig(max_new_tokens=3, do_sample=False),
+        adapter_names=["a", "b"],
+    )
+    for row, name in enumerate(["a", "b"]):
+        model.set_adapter(name)
+        alone = model.generate(
+            input_ids=ids[row : row + 1], generation_config=GenerationConfig(max_new_tokens=3)
+        )
+        assert mixed[row].equal(alone[0])

@@ -241,8 +241,15 @@ def _saved_config(model: VBLoRAModel, adapter_name: str, **changes: Any) -> VBLo
 def _adapter_names(model: VBLoRAModel, adapter_name: str | list[str] | tuple[str, ...] | None) -> list[str]:
     if adapter_name is None:
         names = list(model.peft_config)
-    else:
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+    elif isinstance(adapter_name, str):
+        names = [adapter_name]
+    elif isinstance(adapter_name, (list, tuple)):
+        names = list(adapter_name)
+    else:  # e.g. save_pretrained(folder, True): PEFT's second argument is safe_serialization
+        raise ValueError(
+            f"adapter_name must be a name or a list of names, got {adapter_name!r} "
+            "(PEFT's second argument is safe_serialization: pass it by keyword)"
+        )
     if not names:
         raise ValueError(f"no adapter to save: adapter_name is empty; existing: {list(model.peft_config)}")
     unknown = [n for n in names if n not in model.peft_config]
@@ -709,24 +716,29 @@ def _install(model: VBLoRAModel, adapter_name: str, plan: _Plan, trainable: bool
     bank = model.vblora_banks[adapter_name]
     if bank.layout != plan.layout:  # both come from the same targeting code; guard anyway
         raise RuntimeError(f"internal error: layout of adapter {adapter_name!r} differs from the plan")
-    assert plan.bank is not None and (plan.logits is not None or plan.selection is not None)
-    with torch.no_grad():
-        bank.bank.copy_(plan.bank)
-        if plan.selection is not None:  # inference only: the selection, never a (P, h) table
-            bank.keep_topk(*plan.selection)
-        elif plan.inference_only:  # full logits with -inf entries: keep their selection only
-            bank.keep_topk(*VF.topk_compress(plan.logits, bank.topk))
-        else:
-            bank.logits.copy_(plan.logits)
-        for path, state in plan.copies.items():
-            wrapper = model.model.get_submodule(path)
-            wrapper.modules_to_save[adapter_name].load_state_dict(state)
-        params = _base_parameters(model.model, [])
-        for name, value in plan.biases.items():
-            params[name].copy_(value)
-        for path, value in plan.base_weights.items():
-            _unwrapped(model.model.get_submodule(path)).weight.copy_(value)
+    _write_plan(model, adapter_name, plan)
     bank.inference_only = plan.inference_only
+
+
+@torch.no_grad()
+def _write_plan(model: VBLoRAModel, adapter_name: str, plan: _Plan) -> None:
+    """Copy a validated plan's tensors into the adapter (same layout) and the base model, in place."""
+    assert plan.bank is not None and (plan.logits is not None or plan.selection is not None)
+    bank = model.vblora_banks[adapter_name]
+    bank.bank.copy_(plan.bank)
+    if plan.selection is not None:  # inference only: the selection, never a (P, h) table
+        bank.keep_topk(*plan.selection)
+    elif plan.inference_only:  # full logits with -inf entries: keep their selection only
+        bank.keep_topk(*VF.topk_compress(plan.logits, bank.topk))
+    else:
+        bank.logits.copy_(plan.logits)
+    for path, state in plan.copies.items():
+        model.model.get_submodule(path).modules_to_save[adapter_name].load_state_dict(state)
+    params = _base_parameters(model.model, [])
+    for name, value in plan.biases.items():
+        params[name].copy_(value)
+    for path, value in plan.base_weights.items():
+        _unwrapped(model.model.get_submodule(path)).weight.copy_(value)
     bank.clear_cache()
 
 
@@ -783,19 +795,8 @@ def restore_adapters(model: VBLoRAModel, path: StrPath, names: list[str]) -> Non
         if plan.layout != model.vblora_banks[name].layout:
             raise ValueError(f"{folder}: adapter {name!r} was saved with other modules than the live one")
         plans.append((name, plan))
-    with torch.no_grad():
-        for name, plan in plans:
-            bank = model.vblora_banks[name]
-            bank.bank.copy_(plan.bank)
-            bank.logits.copy_(plan.logits)
-            for wrapper_path, state in plan.copies.items():
-                model.model.get_submodule(wrapper_path).modules_to_save[name].load_state_dict(state)
-            params = _base_parameters(model.model, [])
-            for param_name, value in plan.biases.items():
-                params[param_name].copy_(value)
-            for module_path, value in plan.base_weights.items():
-                _unwrapped(model.model.get_submodule(module_path)).weight.copy_(value)
-            bank.clear_cache()
+    for name, plan in plans:
+        _write_plan(model, name, plan)
 
 
 def from_pretrained(

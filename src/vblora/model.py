@@ -44,10 +44,12 @@ def save_path_problem(root: nn.Module, save_paths: list[str]) -> str | None:
         module = root.get_submodule(path)
         if isinstance(module, ModulesToSaveWrapper):
             continue  # another adapter saves it too: it holds no adapter layer (checked then)
+        if isinstance(module, VBLoRALayer):
+            return f"modules_to_save {path!r} is a layer another adapter adapts; save another module"
         inner = [
             f"{path}.{name}"
             for name, m in module.named_modules()
-            if isinstance(m, (VBLoRALayer, ModulesToSaveWrapper))
+            if name and isinstance(m, (VBLoRALayer, ModulesToSaveWrapper))
         ]
         if inner:
             return (
@@ -123,25 +125,29 @@ class VBLoRAModel(nn.Module):
         self._recent: dict[str, None] = {}  # adapters with composed factors, least recent first
         self._max_cached = 8
         self._disabled = False  # inside disable_adapter()
+        self._in_pass: tuple[str, ...] = ()  # banks flagged in_pass by the forward in flight
         self.add_adapter(adapter_name, config, initialise=initialise, trainable=trainable)
         for p in model.parameters():  # after add_adapter: a refused config leaves the model as it was
             p.requires_grad_(False)
         self.set_adapter(adapter_name)
         self._hook = model.register_forward_pre_hook(self._refresh_banks)
         self._end_hook = model.register_forward_hook(self._end_pass, always_call=True)
-        self._in_pass: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ pass-through
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """The base model's forward; ``adapter_names`` (one per row, or one name for every row) runs
         a mixed-adapter batch."""
-        if adapter_names is None:
-            return self.model(*args, **kwargs)
-        with self._mixed_batch(adapter_names, _input_rows(args, kwargs)):
-            return self.model(*args, **kwargs)
+        try:
+            if adapter_names is None:
+                return self.model(*args, **kwargs)
+            with self._mixed_batch(adapter_names, _input_rows(args, kwargs)):
+                return self.model(*args, **kwargs)
+        finally:
+            self._end_pass()  # also after Ctrl-C, which the end hook does not see
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """The base model's ``generate``; ``adapter_names`` gives each row its own adapter."""
+        self._end_pass()  # the encoder of an encoder-decoder runs outside the model's forward
         if adapter_names is None:
             return self.model.generate(*args, **kwargs)
         with self._mixed_batch(adapter_names, _input_rows(args, kwargs), self._generate_repeat(kwargs)):
@@ -150,10 +156,13 @@ class VBLoRAModel(nn.Module):
     def _generate_repeat(self, kwargs: dict[str, Any]) -> int:
         """How many times ``generate`` repeats each input row: the beams of a beam search, else
         ``num_return_sequences`` (transformers' expansion of the inputs)."""
-        config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
-        beams = kwargs.get("num_beams") or getattr(config, "num_beams", None) or 1
-        returns = kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", None) or 1
-        return int(beams) if beams > 1 else int(returns)
+        configs = (kwargs.get("generation_config"), getattr(self.model, "generation_config", None))
+
+        def setting(name: str) -> int:  # the first one given: the call, its config, the model's
+            values = (kwargs.get(name), *(getattr(c, name, None) for c in configs))
+            return int(next((v for v in values if v is not None), 1))
+
+        return max(setting("num_beams"), setting("num_return_sequences"))
 
     @contextlib.contextmanager
     def _mixed_batch(self, adapter_names: Sequence[str], rows: int | None, repeat: int = 1) -> Iterator[None]:
@@ -281,14 +290,15 @@ class VBLoRAModel(nn.Module):
         return self.model.get_output_embeddings()
 
     def _refresh_banks(self, *_: Any) -> None:
+        self._end_pass()  # a pass stopped by Ctrl-C never ran its end hook
         names = tuple(dict.fromkeys(self._routed or self._active))
         for name in names:
             bank = self.vblora_banks[name]
             bank.refresh()
             bank.in_pass = True  # its layers need not check the factors again during this pass
+            self._in_pass += (name,)
             self._recent.pop(name, None)
             self._recent[name] = None  # most recent last
-        self._in_pass = names
         self._evict(keep=names)
 
     def _end_pass(self, *_: Any) -> None:

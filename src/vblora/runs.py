@@ -36,12 +36,12 @@ def check_output(path: pathlib.Path, overwrite: bool, keep: tuple[pathlib.Path, 
     target = path.expanduser().resolve()
     if path.exists() and not path.is_dir():
         raise RunError(f"--output {path} exists and is not a folder; choose another --output")
-    anchor = existing_ancestor(target)
+    anchor = existing_ancestor(target.parent)  # where the output is created, or renamed into place
     if not anchor.is_dir():
         raise RunError(f"--output {path}: {anchor} is a file, not a folder; choose another --output")
     if not os.access(anchor, os.W_OK | os.X_OK):
         raise RunError(f"--output {path}: cannot write in {anchor} (permission denied); choose another")
-    protected = [pathlib.Path.cwd(), pathlib.Path.home(), *(k.expanduser().resolve() for k in keep)]
+    protected = [p.expanduser().resolve() for p in (pathlib.Path.cwd(), pathlib.Path.home(), *keep)]
     for folder in protected:
         if folder == target or target in folder.parents:
             raise RunError(
@@ -277,11 +277,11 @@ def _saved_label_count(path: pathlib.Path) -> int | None:
     label count of an adapter folder that has no metrics.json to name its labels."""
     import re
 
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     file = path if path.is_file() else path / "adapter_model.safetensors"
     head = re.compile(r"(?:^|\.)(?:classifier|score)\.(?:out_proj\.)?weight$")  # PEFT's key: no copy name
-    with contextlib.suppress(OSError, ValueError), safe_open(str(file), framework="pt") as f:
+    with contextlib.suppress(OSError, ValueError, SafetensorError), safe_open(str(file), framework="pt") as f:
         rows = [f.get_slice(k).get_shape()[0] for k in f.keys() if head.search(k)]  # noqa: SIM118
         return rows[0] if len(set(rows)) == 1 else None
     return None

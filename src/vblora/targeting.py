@@ -128,9 +128,10 @@ def find_targets(model: nn.Module, config: VBLoRAConfig, exclude: Sequence[str] 
     rule = config.target_modules if config.target_modules is not None else default_targets(model)
     head = _output_head(model, config.task_type) if rule == ALL_LINEAR else None
     found: list[str] = []
-    matched = 0  # before exclude_modules and the layer filter, for the error message
+    matched = saved = 0  # before the filters, for the error messages
     for path, module in walk_modules(model):
         if any(path == e or path.startswith(e + ".") for e in exclude):
+            saved += int(rule != ALL_LINEAR and _matches(path, rule))
             continue
         if rule == ALL_LINEAR:
             if module is head or not (is_supported(module) or isinstance(module, VBLoRALayer)):
@@ -149,6 +150,11 @@ def find_targets(model: nn.Module, config: VBLoRAConfig, exclude: Sequence[str] 
                 "(or transformers Conv1D), e.g. the attention projections"
             )
         found.append(path)
+    if not found and saved and not matched:
+        raise ValueError(
+            f"target_modules {rule!r} matched only modules that modules_to_save trains in full "
+            f"({', '.join(exclude)}); a module is adapted or saved, not both: change one of the two"
+        )
     if not found and matched:
         raise ValueError(
             f"target_modules {rule!r} matched {matched} module(s) of {type(model).__name__}, but "
