@@ -47,6 +47,7 @@ def process_group(rank: int, world: int, port: int) -> Iterator[None]:
     try:
         torch.manual_seed(1)
         yield
+        dist.barrier()  # both ranks done before the pairs close: gloo aborts a rank torn down mid-use
     finally:
         dist.destroy_process_group()
 
