@@ -330,6 +330,7 @@ def test_inspect_reports_subvectors_bytes_and_selection(trained: Path, tmp_path:
         (tmp_path, "is a folder"),
         (tmp_path / "sel.txt", "ending in .png"),
         (tmp_path / "a-file" / "x.png", "is a file, not a folder"),
+        *([(Path("/proc/vblora-x.png"), "cannot write there")] if Path("/proc/self").is_dir() else []),
     ):
         code, out, err = run("inspect", trained, "--plot", plot)
         assert code == 2 and message in err and out == "", err  # refused before any output

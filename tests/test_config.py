@@ -112,3 +112,11 @@ def test_unknown_keys_warn_and_are_ignored() -> None:
 def test_wrong_peft_type_is_refused() -> None:
     with pytest.raises(ValueError, match="not a VB-LoRA config"):
         VBLoRAConfig.from_dict({"peft_type": "LORA", "r": 8})
+
+
+def test_reads_peft_in_memory_config_dict() -> None:
+    """PEFT's to_dict() holds its PeftType enum, not the string the JSON file has."""
+    peft = pytest.importorskip("peft")
+    theirs = peft.VBLoRAConfig(r=2, num_vectors=16, vector_length=8, target_modules=["q_proj"])
+    ours = VBLoRAConfig.from_dict(theirs.to_dict())
+    assert (ours.r, ours.num_vectors, ours.target_modules) == (2, 16, ("q_proj",))

@@ -14,6 +14,7 @@ import json
 import os
 import pathlib
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -487,6 +488,12 @@ def _plot_path(path: pathlib.Path) -> pathlib.Path:
     anchor = R.existing_ancestor(path.resolve().parent)
     if not anchor.is_dir():
         raise RunError(f"--plot {path}: {anchor} is a file, not a folder")
+    try:  # an unwritable place fails here, before the description is printed
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".vblora-plot-"):
+            pass
+    except OSError as err:
+        raise RunError(f"--plot {path}: cannot write there ({err.strerror})") from None
     return path
 
 

@@ -167,6 +167,7 @@ class VBLoRAConfig:
         Unknown keys are ignored with a warning; a ``peft_type`` other than VBLORA is an error.
         """
         peft_type = data.get("peft_type", PEFT_TYPE)
+        peft_type = getattr(peft_type, "value", peft_type)  # PEFT's in-memory dicts hold its enum
         if str(peft_type).upper() != PEFT_TYPE:
             raise ValueError(f"not a VB-LoRA config: peft_type is {peft_type!r}, expected {PEFT_TYPE!r}")
         known = {f.name for f in dataclasses.fields(cls)}
