@@ -309,6 +309,17 @@ def test_a_forward_stopped_by_ctrl_c_leaves_no_trusted_stale_factors() -> None:
         torch.testing.assert_close(direct, model.model.lin0(inputs["x"]), atol=0, rtol=0)
 
 
+def test_factors_cached_in_inference_mode_are_not_reused_outside_it() -> None:
+    model, inputs = build("mlp")
+    model.eval()
+    model.vblora_banks["default"].requires_grad_(False)  # frozen: no graph needed for the adapter
+    with torch.inference_mode():
+        run(model, inputs)  # caches inference tensors
+    x = inputs["x"].clone().requires_grad_(True)
+    model.model.lin0(x).sum().backward()  # a direct call that needs the input's gradient
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
 def test_generate_matches_step_by_step_argmax() -> None:
     model, _ = build("llama")
     ids = torch.randint(1, 128, (1, 5), generator=torch.Generator().manual_seed(0))

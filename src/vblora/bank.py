@@ -111,7 +111,7 @@ class AdapterBank(nn.Module):
         self.register_buffer("topk_weights", None)
         self._factors: dict[str, tuple[Tensor, Tensor]] | None = None
         self._cache_key: tuple[Any, ...] | None = None
-        self._composed_at: tuple[Any, ...] | None = None  # (_stamp(), with graph) of _factors
+        self._composed_at: tuple[Any, ...] | None = None  # what _outdated() compares, at composition
         self.in_pass = False  # set by the model while a pass that refreshed this bank runs
         with torch.inference_mode(False):  # the order is saved for backward: no inference tensor
             self._order, self._sizes, self._segment = _table_plan(self.layout, rows)
@@ -207,13 +207,14 @@ class AdapterBank(nn.Module):
 
     def refresh(self) -> None:
         """Compose for this forward pass; reuse the cached factors when no graph is needed."""
-        if self._needs_graph():
+        stamp, graph = self._stamp(), self._needs_graph()
+        if graph:
             # A fresh graph every pass (gradient accumulation frees the previous one).
             self._factors, self._cache_key = self.compose(), None
-            self._composed_at = (self._stamp(), True)
+            self._composed_at = (stamp, True, False)  # grad mode: never inference mode
             return
         key = (
-            *self._stamp(),
+            *stamp,
             self.bank.data_ptr(),
             self.logits.data_ptr(),
             self.bank.dtype,
@@ -224,7 +225,7 @@ class AdapterBank(nn.Module):
             with torch.no_grad():
                 self._factors = self.compose()
             self._cache_key = key
-            self._composed_at = (key[: len(self._stamp())], False)
+            self._composed_at = (stamp, False, torch.is_inference_mode_enabled())
 
     def factors(self, path: str) -> tuple[Tensor, Tensor]:
         """The (A, B) of module ``path`` for the current pass: A (r, in), B (out, r).
@@ -242,7 +243,9 @@ class AdapterBank(nn.Module):
         return self._factors[path]
 
     def _outdated(self) -> bool:
-        return self._composed_at != (self._stamp(), self._needs_graph())
+        """Whether the cached factors no longer fit: a tensor changed, or the graph or inference
+        mode they were made in differs from now."""
+        return self._composed_at != (self._stamp(), self._needs_graph(), torch.is_inference_mode_enabled())
 
     def clear_cache(self) -> None:
         """Drop the composed factors (needed only after edits through ``.data``, which bypass the
