@@ -14,7 +14,7 @@ import torch
 
 from conftest import tiny_bert
 from vblora import VBLoRAModel
-from vblora.train import RunSettings
+from vblora.training.loop import RunSettings
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

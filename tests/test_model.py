@@ -11,8 +11,8 @@ from torch import nn
 
 from conftest import BUILDERS, MLP, model_inputs, output_tensor, tiny_llama
 from vblora import VBLoRAConfig, VBLoRAModel, get_vblora_model, optimizer_param_groups
-from vblora.bank import AdapterBank
-from vblora.layer import ModulesToSaveWrapper, VBLoRALayer
+from vblora.core.bank import AdapterBank
+from vblora.layers import ModulesToSaveWrapper, VBLoRALayer
 
 CONFIGS = {
     "mlp": VBLoRAConfig(r=2, num_vectors=10, vector_length=2, target_modules=["lin0", "lin1", "lin3"]),

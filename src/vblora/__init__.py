@@ -1,10 +1,11 @@
 """vblora: VB-LoRA (vector-bank LoRA) for PyTorch and Hugging Face models."""
 
-from .checkpoint import export_lora, load_compact, save_compact
-from .config import VBLoRAConfig
+from .core.config import VBLoRAConfig
+from .core.routing import BASE_ADAPTER
+from .files import export_lora, load_compact, save_compact
 from .model import VBLoRAModel, get_vblora_model
 from .optim import optimizer_param_groups
-from .serving import BASE_ADAPTER
+from .version import __version__ as __version__
 
 __all__ = [
     "BASE_ADAPTER",
@@ -16,4 +17,3 @@ __all__ = [
     "optimizer_param_groups",
     "save_compact",
 ]
-__version__ = "0.1.0"

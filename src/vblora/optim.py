@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from .bank import AdapterBank
+from .core.bank import AdapterBank
 
 
 def optimizer_param_groups(

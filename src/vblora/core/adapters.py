@@ -1,0 +1,114 @@
+"""The set of adapters one model holds: which are active, which stay frozen, which keep their
+composed factors (an LRU bound), and the passes in flight.
+
+Each forward pass begins by composing the factors of the adapters it uses (one batched
+composition per adapter, cached in inference) and ends by releasing them. Passes are tracked per
+thread, so two threads running passes on one model at once never end or evict each other's.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from torch import nn
+
+from .bank import AdapterBank
+
+
+class AdapterSet:
+    """The adapters of one model, by name; ``banks`` is the model's own (registered) ModuleDict."""
+
+    def __init__(self, banks: nn.ModuleDict) -> None:
+        self.banks = banks
+        self.active: tuple[str, ...] = ()
+        self.frozen: set[str] = set()  # adapters loaded for inference: never made trainable
+        self._max_cached: int | None = 8
+        self._recent: dict[str, None] = {}  # adapters with composed factors, least recent first
+        self._init_passes()
+
+    def _init_passes(self) -> None:
+        # Each thread records its pass in its own cell (a one-item list), so passes need no lock
+        # (torch.compile traces none) and one thread never ends or evicts another's pass.
+        self._cells: list[list[tuple[str, ...]]] = []  # one per thread that ran a pass
+        self._local = threading.local()  # .cell: this thread's
+
+    def __getstate__(self) -> dict[str, Any]:  # deepcopy/pickle: thread state stays behind
+        state = self.__dict__.copy()
+        del state["_cells"], state["_local"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_passes()
+
+    def _cell(self) -> list[tuple[str, ...]]:
+        cell = getattr(self._local, "cell", None)
+        if cell is None:
+            cell = self._local.cell = [()]
+            self._cells.append(cell)
+        return cell
+
+    def _in_flight(self) -> set[str]:
+        return {name for cell in list(self._cells) for name in cell[0]}
+
+    def bank(self, name: str) -> AdapterBank:
+        return self.banks[name]  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ the factor cache
+    @property
+    def max_cached(self) -> int | None:
+        return self._max_cached
+
+    @max_cached.setter
+    def max_cached(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"max_cached_adapters must be a positive int or None, got {value!r}")
+        self._max_cached = value
+        self._evict()
+
+    def _evict(self) -> None:
+        """Drop the composed factors of the least recently used adapters beyond the bound; the
+        adapters of passes in flight are kept."""
+        if self._max_cached is None or len(self._recent) <= self._max_cached:
+            return
+        in_flight = self._in_flight()
+        for name in list(self._recent):
+            if len(self._recent) <= self._max_cached:
+                break
+            if name not in in_flight:
+                del self._recent[name]
+                self.bank(name).clear_cache()
+
+    # ------------------------------------------------------------------ passes
+    def begin_pass(self, names: tuple[str, ...]) -> None:
+        """Compose the factors of ``names`` for a pass of this thread (ending its previous one:
+        a pass stopped by Ctrl-C never ran its end)."""
+        self.end_pass()
+        names = tuple(dict.fromkeys(n for n in names if n in self.banks))
+        self._cell()[0] = names
+        for name in names:
+            bank = self.bank(name)
+            bank.refresh()
+            bank.in_pass = True  # its layers need not check the factors again during this pass
+            self._recent.pop(name, None)
+            self._recent[name] = None  # most recent last
+        self._evict()
+
+    def end_pass(self) -> None:
+        """Release the adapters of this thread's pass, if one is in flight."""
+        cell = self._cell()
+        names, cell[0] = cell[0], ()
+        if not names:
+            return
+        in_flight = self._in_flight()
+        for name in names:
+            if name not in in_flight and name in self.banks:
+                # Another thread starting a pass meanwhile sees in_pass False: its layers then
+                # check their factors, slower but correct.
+                self.bank(name).in_pass = False
+
+    def forget(self, name: str) -> None:
+        """Drop every record of a deleted adapter."""
+        self.frozen.discard(name)
+        self._recent.pop(name, None)

@@ -1,0 +1,1 @@
+"""Injection: which modules an adapter targets, and the plan that checks it all before any change."""

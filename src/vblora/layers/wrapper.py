@@ -1,0 +1,172 @@
+"""The wrapper around one adapted base layer: any kind :func:`~vblora.layers.base.kind_of` knows.
+
+The layer owns no adapter parameters: it holds plain references to the adapters' banks and asks
+them for its factors, so each bank and logits table appears once in ``state_dict()``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.nn.modules import module as torch_module
+
+from ..core import functional as VF
+from ..core.bank import AdapterBank
+from ..core.routing import RowRouting, current_routing, mixed_delta
+from .base import LayerKind, kind_of
+
+
+def layer_features(module: nn.Module) -> tuple[int, int, bool]:
+    """(in_features, out_features, fan_in_fan_out) of a supported layer, read from the layer itself."""
+    kind = kind_of(module)
+    if kind is None:
+        raise TypeError(f"unsupported layer type {type(module).__name__}")
+    return (*kind.features(module), kind.fan_in_fan_out)
+
+
+def _unobserved(kind: LayerKind, module: nn.Module) -> bool:
+    """A stock layer whose call can be skipped: no hooks, its own ``forward``."""
+    return (
+        kind.is_stock(module)
+        and "forward" not in module.__dict__  # e.g. accelerate's device-map hooks replace it
+        and not (module._forward_hooks or module._forward_pre_hooks)
+        and not (module._backward_hooks or module._backward_pre_hooks)
+        and not (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
+        and not (torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks)
+    )
+
+
+def _autocast(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 has no device argument
+        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+
+
+class VBLoRALayer(nn.Module):
+    """``y = base(x) + sum_adapters B (A dropout(x))`` with A, B composed from a shared bank.
+
+    Args:
+        base_layer: the wrapped layer, of a kind :func:`~vblora.layers.base.kind_of` knows; kept as
+            ``base_layer`` (as PEFT does).
+        path: the module's path in the base model; the key of its slot in every bank's layout.
+    """
+
+    def __init__(self, base_layer: nn.Module, path: str) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.path = path
+        kind = kind_of(base_layer)
+        if kind is None:
+            raise TypeError(f"{path}: unsupported layer type {type(base_layer).__name__}")
+        self.kind = kind
+        self.in_features, self.out_features = kind.features(base_layer)
+        self.fan_in_fan_out = kind.fan_in_fan_out
+        # Plain dicts: the banks are owned (and registered) by the model, not by each layer, and a
+        # dropout rate needs no module (thousands of adapters would add thousands of submodules,
+        # and every traversal of the model would walk them).
+        self.banks: dict[str, AdapterBank] = {}
+        self.dropout_rates: dict[str, float] = {}
+        self.active_adapters: tuple[str, ...] = ()
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    # ------------------------------------------------------------------ adapters
+    def add_adapter(self, name: str, bank: AdapterBank, dropout: float) -> None:
+        self.banks[name] = bank
+        self.dropout_rates[name] = dropout
+
+    def remove_adapter(self, name: str) -> None:
+        self.banks.pop(name, None)
+        self.dropout_rates.pop(name, None)
+        self.active_adapters = tuple(a for a in self.active_adapters if a != name)
+
+    @property
+    def weight(self) -> Tensor:
+        """The base layer's weight (models such as T5 read ``module.weight.dtype``)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
+        base = self.base_layer
+        # Nobody observes the base layer: call its forward directly (skipping its __call__ costs
+        # several microseconds per layer, which a merged or disabled model would pay for nothing).
+        routing = current_routing()
+        plain = not (args or kwargs) and _unobserved(self.kind, base)
+        if plain and routing is None:
+            fused = self._fusable(x, base)
+            if fused is not None:
+                return VF.linear_with_adapter(x, *fused)
+        result = base.forward(x) if plain else base(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        if routing is not None:
+            return self._forward_mixed(x, result, routing)
+        for name in self.active_adapters:
+            if name in self.merged_adapters or name not in self.banks:
+                continue
+            a, b = self.banks[name].factors(self.path)
+            h = self._dropout(name, x).to(a.dtype)  # adapter math in the bank's dtype
+            result = result + VF.adapter_delta(h, a, b).to(result.dtype)
+        return result
+
+    def _fusable(self, x: Tensor, base: nn.Module) -> tuple[Tensor, Tensor | None, Tensor, Tensor] | None:
+        """(weight (out, in), bias, A, B) when the one adapter to apply can be fused into the matmul
+        of ``base`` (:func:`~vblora.functional.linear_with_adapter`), a plain linear layer that nobody
+        observes (no hooks, no replaced forward): no dropout, no autocast and a single dtype."""
+        if len(self.active_adapters) != 1 or self.disabled or self.merged_adapters:
+            return None
+        name = self.active_adapters[0]
+        if name not in self.banks:
+            return None
+        if (self.training and self.dropout_rates[name] > 0) or _autocast(x.device.type):
+            return None
+        a, b = self.banks[name].factors(self.path)
+        weight = self.kind.dense_weight(base)
+        if not x.dtype == weight.dtype == a.dtype:
+            return None
+        return weight, base.bias, a, b
+
+    def _forward_mixed(self, x: Tensor, result: Tensor, routing: RowRouting) -> Tensor:
+        """One adapter per row: each adapter's branch runs on its own rows only."""
+        for name in routing.rows:  # the batch's adapters, not every adapter loaded
+            bank = self.banks.get(name)
+            if bank is None:
+                continue
+            rows = routing.rows_for(name, x.shape[0], self.path)
+            a, b = bank.factors(self.path)
+            result = mixed_delta(
+                result,
+                x,
+                rows,
+                lambda h, a=a, b=b, n=name: VF.adapter_delta(self._dropout(n, h).to(a.dtype), a, b),
+            )
+        return result
+
+    def _dropout(self, name: str, x: Tensor) -> Tensor:
+        p = self.dropout_rates[name]
+        return F.dropout(x, p, training=True) if p > 0 and self.training else x
+
+    # ------------------------------------------------------------------ merging
+    def delta_weight(self, name: str) -> Tensor:
+        """ΔW of adapter ``name`` in fp32, laid out like ``base_layer.weight``."""
+        return self.banks[name].delta_weight(self.path, self.fan_in_fan_out)
+
+    def merge_delta(self, delta: Tensor, sign: float) -> None:
+        """weight += sign * delta, as the layer's kind merges (fp32 arithmetic for float weights)."""
+        try:
+            self.kind.merge_weight(self.base_layer, delta, sign)
+        except TypeError as err:  # e.g. a quantized weight with no merge of its own
+            raise TypeError(f"{self.path}: {err}") from None
+
+    def extra_repr(self) -> str:
+        return f"path={self.path!r}, adapters={list(self.banks)}, merged={self.merged_adapters}"

