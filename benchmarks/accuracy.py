@@ -38,10 +38,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from vblora import train as T
-from vblora.checkpoint import COMPACT_ADAPTER_TENSORS, COMPACT_BANK_DTYPES
-from vblora.runs import cpu_model, environment
-from vblora.train import RunSettings
+from vblora.formats.compact import COMPACT_ADAPTER_TENSORS, COMPACT_BANK_DTYPES
+from vblora.training import loop as T
+from vblora.training.loop import RunSettings
+from vblora.training.runs import cpu_model, environment
 
 LORA_TARGETS = {"lora-qv": ["query", "value"], "lora-all": ["query", "key", "value", "dense"]}
 VBLORA_TARGETS = {  # None: the demo's targets

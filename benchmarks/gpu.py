@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 import speed  # benchmarks/speed.py (the script's folder is on sys.path): the shared cases
 from vblora import VBLoRAConfig, get_vblora_model
-from vblora.bank import AdapterBank
+from vblora.core.bank import AdapterBank
 
 FP32_TOL = 1e-5  # max |error| / max |reference|
 

@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from vblora import VBLoRAConfig, get_vblora_model, optimizer_param_groups
-from vblora.bank import AdapterBank, build_layout
+from vblora.core.bank import AdapterBank, build_layout
 
 OURS, MERGED, COMPILED = "ours", "ours merged", "ours compiled"
 PEFT_VB, PEFT_LORA, PEFT_PER_LAYER = "PEFT VB-LoRA", "PEFT LoRA", "PEFT per layer"

@@ -21,8 +21,8 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from vblora import VBLoRAConfig, get_vblora_model
-from vblora.data import load_rotten_tomatoes, minilm_path, split_examples
 from vblora.hf import VBLoRATrainer
+from vblora.training.data import load_rotten_tomatoes, minilm_path, split_examples
 
 output = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/trainer-example")
 torch.manual_seed(0)
