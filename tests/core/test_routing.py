@@ -215,3 +215,52 @@ def test_mixed_generate_reads_beams_from_every_place_generate_does() -> None:
             input_ids=ids[row : row + 1], generation_config=GenerationConfig(max_new_tokens=3)
         )
         assert mixed[row].equal(alone[0])
+
+
+def test_concurrent_passes_on_one_model_each_see_their_own_rows() -> None:
+    """Two threads call generate and forward on one model at once with different adapter_names:
+    each gets its own sequential result (the routing travels with the pass, not on the layers)."""
+    import threading
+
+    model = llama_with_adapters()
+    model.max_cached_adapters = 1  # evictions race with the other thread's pass too
+    ids = torch.randint(1, 128, (3, 5), generator=torch.Generator().manual_seed(3))
+    inputs = model_inputs("llama", batch=3)
+    jobs = {
+        "gen_abc": lambda: model.generate(
+            input_ids=ids, adapter_names=["a", "b", "c"], max_new_tokens=6, do_sample=False
+        ),
+        "gen_cba": lambda: model.generate(
+            input_ids=ids, adapter_names=["c", "__base__", "a"], max_new_tokens=6, do_sample=False
+        ),
+        "fwd_bb": lambda: output_tensor(model(**inputs, adapter_names=["b", "b", "__base__"])),
+        "fwd_ca": lambda: output_tensor(model(**inputs, adapter_names=["c", "a", "a"])),
+    }
+    with torch.no_grad():
+        expected = {name: job() for name, job in jobs.items()}  # one after the other
+    results: dict[str, list[torch.Tensor]] = {name: [] for name in jobs}
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(jobs))
+
+    def worker(name: str) -> None:
+        try:
+            start.wait(timeout=30)
+            with torch.no_grad():
+                for _ in range(3):
+                    results[name].append(jobs[name]())
+        except BaseException as err:  # reported below, with the thread's name
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(name,), daemon=True) for name in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads) and not errors, errors
+    for name, outs in results.items():
+        assert len(outs) == 3
+        for out in outs:
+            if out.dtype == torch.long:
+                assert torch.equal(out, expected[name]), name
+            else:
+                torch.testing.assert_close(out, expected[name], atol=1e-5, rtol=1e-5)
