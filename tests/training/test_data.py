@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from vblora.training import data
-from vblora.training.data import DataError, QAPair, TextExample
+from vblora.training.data import DataError, QAPair, TextExample, assets, corpora
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -61,7 +61,7 @@ def test_rotten_tomatoes_keeps_reviews_only_and_the_first_copy(monkeypatch, tmp_
     rows = "category,text,movie_name,has_plot_and_reviews\n"
     rows += "plot,A plot.,m,1\nfresh, Great. ,m,1\nrotten,Dull.,m,1\nrotten,Great.,n,1\nfresh,Fun.,n,1\n"
     (tmp_path / "rt.csv.bz2").write_bytes(bz2.compress(rows.encode()))
-    monkeypatch.setattr(data, "_package_file", lambda *a: tmp_path / "rt.csv.bz2")
+    monkeypatch.setattr(corpora, "_package_file", lambda *a: tmp_path / "rt.csv.bz2")
     examples, _ = data.load_rotten_tomatoes()
     assert examples == [TextExample("Great.", 1), TextExample("Dull.", 0), TextExample("Fun.", 1)]
 
@@ -91,7 +91,7 @@ def test_chatterbot_skips_malformed_conversations_and_non_string_utterances(monk
         "- a bare string, as in trivia.yml\n"
         "- - 42\n  - Forty-two\n"
     )
-    monkeypatch.setattr(data, "_package_file", lambda *a: tmp_path / "data")
+    monkeypatch.setattr(corpora, "_package_file", lambda *a: tmp_path / "data")
     assert data.load_chatterbot() == [
         QAPair("Hello", "Hi there"),
         QAPair("Hi there", "How are you?"),
@@ -357,7 +357,7 @@ def test_lm_chunks_are_contiguous_full_blocks(tok):
 def fake_smollm2(monkeypatch, tmp_path):
     """Replace the 20 s GGUF build with one that writes a config and records where it wrote."""
     calls: list[pathlib.Path] = []
-    monkeypatch.setattr(data, "_package_file", lambda *a: tmp_path / "pkg" / data.SMOLLM2_GGUF)
+    monkeypatch.setattr(assets, "_package_file", lambda *a: tmp_path / "pkg" / data.SMOLLM2_GGUF)
 
     def build(gguf_dir: pathlib.Path, dest: pathlib.Path) -> None:
         calls.append(dest)
@@ -366,7 +366,7 @@ def fake_smollm2(monkeypatch, tmp_path):
         (dest / "model.safetensors").write_bytes(b"weights")
         (dest / "config.json").write_text("{}")
 
-    monkeypatch.setattr(data, "_build_smollm2", build)
+    monkeypatch.setattr(assets, "_build_smollm2", build)
     return calls
 
 
@@ -385,7 +385,7 @@ def test_smollm2_failed_build_leaves_no_cache_and_no_temp(monkeypatch, tmp_path,
         (dest / "model.safetensors").write_bytes(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(data, "_build_smollm2", broken)
+    monkeypatch.setattr(assets, "_build_smollm2", broken)
     target = tmp_path / "c" / "smol"
     with pytest.raises(KeyboardInterrupt):
         data.smollm2_path(target)
