@@ -21,7 +21,7 @@ from vblora.layers.wrapper import VBLoRALayer
 @pytest.mark.parametrize(("rows", "h", "k"), [(4096, 1024, 2), (2100, 2048, 3), (1500, 4096, 1)])
 def test_blocked_topk_selects_what_topk_selects(rows: int, h: int, k: int) -> None:
     logits = torch.randn(rows, h, generator=torch.Generator().manual_seed(h), requires_grad=True)
-    got_values, got_index = VF._topk(logits, k)
+    got_values, got_index = VF.select_topk(logits, k)
     want_values, want_index = logits.topk(k, dim=-1)
     assert got_index.equal(want_index) and got_values.equal(want_values)
     grad = torch.randn(rows, k)
@@ -35,7 +35,7 @@ def test_blocked_topk_keeps_stored_topk_rows() -> None:
     logits = torch.full((2048, 2048), float("-inf"))
     logits[:, 7], logits[:, 1500] = -0.1, -2.3
     logits[:10, 1500] = float("-inf")  # a zero weight: log 0
-    values, index = VF._topk(logits, 2)
+    values, index = VF.select_topk(logits, 2)
     assert (index[:, 0] == 7).all() and (index[10:, 1] == 1500).all()
     assert torch.isinf(values[:10, 1]).all()
 

@@ -26,7 +26,7 @@ def topk_admixture(logits: Tensor, bank: Tensor, k: int, order: Tensor | None = 
     Returns:
         (P, b) sub-vectors in the dtype of ``bank``.
     """
-    values, indices = _topk(logits, k)  # (P, k)
+    values, indices = select_topk(logits, k)  # (P, k)
     if order is not None:
         values, indices = values[order], indices[order]
     weights = values.softmax(dim=-1).to(bank.dtype)  # softmax over the k selected logits only
@@ -34,24 +34,87 @@ def topk_admixture(logits: Tensor, bank: Tensor, k: int, order: Tensor | None = 
     return F.embedding_bag(indices, bank, per_sample_weights=weights, mode="sum")
 
 
-def _topk(logits: Tensor, k: int, width: int = 128) -> tuple[Tensor, Tensor]:
-    """``logits.topk(k, dim=-1)``: the same entries and values, faster for wide tables on CPU.
+def select_topk(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The one selection rule of the package: the k largest logits of each row of (P, h) ``logits``.
+
+    Ties are broken by the lowest index, and the k entries come in descending order of value
+    (equal values by ascending index): exactly ``logits.sort(dim=-1, descending=True, stable=True)``
+    cut to k, on every device and path. ``torch.topk`` leaves ties unspecified (on CPU,
+    ``zeros(16).topk(3)`` picks 10, 11, 12), so composition, saving, compact files, export and
+    ``inspect`` all select through here, and a reloaded adapter picks the vectors that were saved.
+
+    Returns:
+        values (P, k), differentiable with respect to ``logits``, and indices (P, k), int64.
+    """
+    h = logits.shape[-1]
+    with torch.no_grad():
+        flat = logits.detach().reshape(-1, h)
+        if k >= h:
+            indices = flat.sort(dim=-1, descending=True, stable=True).indices[:, :k]
+        else:
+            indices = _resolve_ties(flat, *_largest(flat, k))
+    indices = indices.reshape(*logits.shape[:-1], indices.shape[-1])
+    return logits.gather(-1, indices), indices
+
+
+def _resolve_ties(flat: Tensor, values: Tensor, indices: Tensor, following: Tensor) -> Tensor:
+    """The rule's k indices from the k largest entries (exact values, ties in any order) and the
+    (k+1)-th value.
+
+    Where the k-th and (k+1)-th values differ the selected set is already the rule's; elsewhere a
+    tie crosses the cut, and the lowest tied indices are found over the whole row. On CPU only the
+    tied rows are redone (a branch costs nothing there); on other devices every row, without a
+    host sync (one more top-k).
+    """
+    k = values.shape[-1]
+    kth = values[:, -1]
+    tied = kth == following
+    chosen = indices
+    if flat.device.type == "cpu":
+        if tied.any():
+            rows = tied.nonzero().squeeze(1)
+            chosen = chosen.clone()
+            chosen[rows] = _lowest_ties(flat[rows], kth[rows], k)
+    else:
+        chosen = torch.where(tied[:, None], _lowest_ties(flat, kth, k), chosen)
+    # canonical order: by index, then (stable) by descending value
+    chosen = chosen.sort(dim=-1).values
+    by_value = flat.gather(-1, chosen).sort(dim=-1, descending=True, stable=True).indices
+    return chosen.gather(-1, by_value)
+
+
+def _lowest_ties(rows: Tensor, kth: Tensor, k: int) -> Tensor:
+    """Every entry above the k-th value, then the lowest-indexed entries equal to it: (n, k)."""
+    h = rows.shape[-1]
+    position = torch.arange(h, 0, -1, device=rows.device)  # h - index: lower index, higher score
+    above, equal = rows > kth[:, None], rows == kth[:, None]
+    score = torch.where(above, 2 * h, torch.where(equal, position, -1))
+    return score.topk(k, dim=-1).indices
+
+
+def _largest(logits: Tensor, k: int, width: int = 128) -> tuple[Tensor, Tensor, Tensor]:
+    """The k largest values of each row and their indices (ties in any order), and the (k+1)-th
+    largest value; faster than ``topk`` for wide tables on CPU.
 
     The columns fall into h/width strided groups ``{j, j + width, ...}``. A row's k largest entries
     lie in the k groups with the largest maxima, and an element-wise max over the groups vectorises,
     so each row is narrowed to k * h/width candidates before the exact top-k (2-3x faster than
-    ``topk`` at h = 2048 on CPU). Other shapes and devices use ``topk`` itself.
+    ``topk`` at h = 2048 on CPU). The (k+1)-th value is the larger of the candidates' (k+1)-th and
+    the (k+1)-th group maximum. Values are exact; which of several equal entries is returned is
+    not (:func:`select_topk` settles that). Other shapes and devices use ``topk`` itself.
     """
     rows, h = logits.shape
     if logits.device.type != "cpu" or h % width or h < 8 * width or k > 16 or rows * h < 2**22:
-        return logits.topk(k, dim=-1)
+        values, indices = logits.topk(k + 1, dim=-1)
+        return values[:, :k], indices[:, :k], values[:, k]
     groups = h // width
-    with torch.no_grad():
-        group_max = logits.reshape(rows, groups, width).amax(1)  # (P, width): max of j, j + width, ...
-        offsets = width * torch.arange(groups, device=logits.device)
-        candidates = (group_max.topk(k, dim=-1).indices.unsqueeze(-1) + offsets).flatten(1)  # (P, k*groups)
-        indices = candidates.gather(-1, logits.gather(-1, candidates).topk(k, dim=-1).indices)
-    return logits.gather(-1, indices), indices  # sorted by value, like topk
+    group_max = logits.reshape(rows, groups, width).amax(1)  # (P, width): max of j, j + width, ...
+    best_max, best = group_max.topk(k + 1, dim=-1)
+    offsets = width * torch.arange(groups, device=logits.device)
+    candidates = (best[:, :k].unsqueeze(-1) + offsets).flatten(1)  # (P, k*groups)
+    values, picked = logits.gather(-1, candidates).topk(k + 1, dim=-1)
+    following = torch.maximum(values[:, k], best_max[:, k])
+    return values[:, :k], candidates.gather(-1, picked[:, :k]), following
 
 
 def admixture_from_topk(indices: Tensor, weights: Tensor, bank: Tensor) -> Tensor:
@@ -134,7 +197,7 @@ class _LinearWithAdapter(torch.autograd.Function):
 
 def topk_compress(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The k selected indices (P, k) and their softmax weights (P, k) of each row of ``logits``."""
-    values, indices = logits.topk(k, dim=-1)
+    values, indices = select_topk(logits, k)
     return indices, values.float().softmax(dim=-1)
 
 
