@@ -1,4 +1,4 @@
-"""The ``vblora`` command: ``train``, ``eval``, ``merge``, ``export-lora`` and ``inspect``.
+"""The ``vblora`` command: ``train``, ``eval``, ``merge``, ``export-lora``, ``inspect`` and ``serve``.
 
 ``vblora train`` with no arguments fine-tunes the packaged MiniLM-L6 on the packaged Rotten Tomatoes
 snippets, offline, in a few minutes on two CPU cores. Every command that writes a folder writes it
@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from ..formats.readers import FormatError
 from ..training.data import DataError
 from ..training.loop import RunError
-from . import evaluate, export_lora, inspect, merge, train
+from . import evaluate, export_lora, inspect, merge, serve, train
 
 EXIT_BAD_INPUT = 2
-COMMANDS = (train, evaluate, merge, export_lora, inspect)  # each: add_parser(sub), run(args)
+COMMANDS = (train, evaluate, merge, export_lora, inspect, serve)  # each: add_parser(sub), run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,8 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 for bad inputs)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc-per-node` relaunches it
     try:
-        args.func(args)
+        status = args.func(args)  # None, or the status of a run whose workers reported their errors
     except (RunError, DataError, FormatError) as err:
         message = " ".join(str(err).split())  # one line, whatever the source wrote
         print(f"vblora {args.command}: error: {message}", file=sys.stderr)
@@ -49,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `vblora inspect ... | head`: the reader left, which is no error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import os
 import pathlib
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -13,6 +16,7 @@ import torch
 from ..files import save_compact
 from ..formats.compact import COMPACT_BANK_DTYPES
 from ..injection.targeting import find_modules_to_save
+from ..training import launch as L
 from ..training import loop as T
 from ..training import runs as R
 from ..training.loop import CAUSAL_LM, SEQ_CLS, RunError, RunSettings
@@ -116,33 +120,113 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add(g, "--num-generations", "held-out prompts answered greedily before and after training", type=int)
     add(g, "--max-new-tokens", "tokens generated per prompt", type=int)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = p.add_argument_group("processes and devices (see the README's multi-process training)")
+    g.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda (each process its cuda:LOCAL_RANK) or cuda:<index> "
+        "(default: cuda if present, else cpu)",
+    )
+    g.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=None,
+        metavar="N",
+        help="start N processes with torchrun's launcher (data parallel, DDP; each trains on its share "
+        "of every batch of --batch-size, so the run equals one process's); under torchrun it is ignored",
+    )
+    g.add_argument("--fsdp", action="store_true", help="shard the base model with FSDP2 instead of DDP")
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> None:
-    s = settings_from_args(args).resolved()
-    s.check()
-    assert s.data is not None
-    output = args.output or pathlib.Path("runs") / pathlib.Path(s.data).stem
-    R.check_output(output, args.overwrite)
-    progress = not args.quiet
+def run(args: argparse.Namespace) -> int:
+    """One process, or under torchrun one rank of the run; with --nproc-per-node, the launcher."""
+    if args.nproc_per_node is not None and not L.under_torchrun():
+        try:
+            return L.launch_workers(args.nproc_per_node, args.argv)
+        except L.LaunchError as err:
+            raise RunError(str(err)) from None
+    try:
+        launch = L.read_launch(args.device, args.fsdp)
+    except L.LaunchError as err:
+        raise RunError(str(err)) from None
+    try:
+        with L.process_group(launch), _quiet_unless_main(launch):
+            _train(args, launch)
+    except L.PeerFailed:  # rank 0 says why
+        return L.EXIT_BAD_INPUT
+    except L.RankFailed as err:
+        raise RunError(str(err)) from None
+    except ValueError as err:  # RunError, DataError, FormatError: one line that names the rank
+        if not launch.distributed:
+            raise
+        raise RunError(f"rank {launch.rank} of {launch.world_size}: {L.one_line(err)}") from None
+    except RuntimeError as err:
+        if not (launch.distributed and L.lost_peer(err)):
+            raise
+        message = f"stopped: another process failed or was stopped ({L.one_line(err)[:200]})"
+        raise RunError(f"rank {launch.rank} of {launch.world_size}: {message}") from None
+    return 0
+
+
+@contextlib.contextmanager
+def _quiet_unless_main(launch: L.Launch) -> Iterator[None]:
+    """Only rank 0 prints (progress bars are left out on the other ranks by ``progress``)."""
+    if launch.is_main:
+        yield
+        return
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        yield
+
+
+def _train(args: argparse.Namespace, launch: L.Launch) -> None:
+    """The run on this rank; rank 0 alone writes the output folder, after every rank is done."""
     started = time.perf_counter()
-    s, model, tokenizer, task_data = _prepare_training(s)
-    with R.staged_output(output, args.overwrite) as tmp:
-        generations = _generate_before(model, tokenizer, task_data, s)
+    s = settings_from_args(args).resolved()
+    progress = not args.quiet and launch.is_main
+    with contextlib.ExitStack() as stack:
+        with L.together(launch):  # local work: a failure on any rank stops every rank here
+            s.check()
+            _check_launch(args, launch)
+            assert s.data is not None
+            output = args.output or pathlib.Path("runs") / pathlib.Path(s.data).stem
+            if launch.is_main:
+                R.check_output(output, args.overwrite)
+            s, model, tokenizer, task_data = _prepare_training(s)
+            model.to(launch.device)
+            generations = _generate_before(model, tokenizer, task_data, s) if launch.is_main else None
+            tmp = stack.enter_context(R.staged_output(output, args.overwrite)) if launch.is_main else None
+        module = L.parallel(model, launch)  # DDP, or FSDP2 shards: collectives from here on
         metric = T.metric_name(s.task)
         optimizer = T.make_optimizer(model, s)
-        evaluate = T.evaluator(model, task_data.test, s, progress)
-        history = T.train_steps(model, optimizer, task_data.train, s, evaluate, metric, progress)
-        model.save_pretrained(tmp / ADAPTER_DIR, save_only_topk_weights=not s.save_full_logits)
-        if s.compact:
-            save_compact(model, tmp / COMPACT_NAME, bank_dtype=COMPACT_BANK_DTYPES[s.compact])
-        if generations is not None:
-            _generate_after(model, tokenizer, task_data, s, generations, tmp)
-        metrics = R.train_metrics(s, history, model, tmp / ADAPTER_DIR, time.perf_counter() - started)
-        R.write_json(tmp / METRICS_NAME, metrics)
-        T.plot_history(history, metric, "before training", tmp / "training.png")
-    R.print_summary(metrics, output)
+        evaluate = T.evaluator(model, task_data.test, s, progress, launch)
+        history = T.train_steps(module, optimizer, task_data.train, s, evaluate, metric, progress, launch)
+        after = _generate_after(model, tokenizer, task_data, s) if launch.is_main or launch.fsdp else []
+        if launch.fsdp:
+            L.gather_model(model)  # whole tensors on every rank: rank 0 saves alone
+        with L.together(launch):  # then the barrier before rank 0 renames the folder into place
+            if tmp is not None:
+                model.save_pretrained(tmp / ADAPTER_DIR, save_only_topk_weights=not s.save_full_logits)
+                if s.compact:
+                    save_compact(model, tmp / COMPACT_NAME, bank_dtype=COMPACT_BANK_DTYPES[s.compact])
+                if generations is not None:
+                    _write_generations(generations, after, tmp)
+                elapsed = time.perf_counter() - started
+                metrics = R.train_metrics(s, history, model, tmp / ADAPTER_DIR, elapsed, launch)
+                R.write_json(tmp / METRICS_NAME, metrics)
+                T.plot_history(history, metric, "before training", tmp / "training.png")
+    if launch.is_main:
+        R.print_summary(metrics, output)
+
+
+def _check_launch(args: argparse.Namespace, launch: L.Launch) -> None:
+    """Combinations of processes and options that cannot work, refused before anything is loaded."""
+    if launch.fsdp and getattr(args, "quantize", None):
+        raise RunError(
+            "--fsdp with --quantize: FSDP2 cannot shard bitsandbytes' packed 4/8-bit weights (their "
+            "quantization state is no tensor it can split); drop --fsdp to train with DDP, each GPU "
+            "holding the whole quantized base"
+        )
 
 
 def _prepare_training(s: RunSettings) -> tuple[RunSettings, Any, Any, T.TaskData]:
@@ -201,15 +285,15 @@ def _generate_before(
     return [{"prompt": p, "reference": r, "before": b} for p, r, b in zip(prompts, refs, before)]
 
 
-def _generate_after(
-    model: Any,
-    tokenizer: Any,
-    task_data: T.TaskData,
-    s: RunSettings,
-    rows: list[dict[str, str]],
-    out: pathlib.Path,
-) -> None:
-    after = T.generate(model, tokenizer, [r["prompt"] for r in rows], s.data != "hamlet", s.max_new_tokens)
+def _generate_after(model: Any, tokenizer: Any, task_data: T.TaskData, s: RunSettings) -> list[str]:
+    """Greedy answers of the trained model to the prompts of :func:`_generate_before`."""
+    if s.task != CAUSAL_LM or s.num_generations == 0:
+        return []
+    prompts = task_data.prompts[: s.num_generations]
+    return T.generate(model, tokenizer, prompts, s.data != "hamlet", s.max_new_tokens)
+
+
+def _write_generations(rows: list[dict[str, str]], after: list[str], out: pathlib.Path) -> None:
     for row, text in zip(rows, after):
         row["after"] = text
         print(f"\nprompt: {row['prompt']}\n  before: {row['before']}\n  after:  {text}")

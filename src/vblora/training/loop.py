@@ -31,6 +31,8 @@ from ..formats.compact import COMPACT_BANK_DTYPES
 from ..model import VBLoRAModel
 from ..optim import optimizer_param_groups
 from . import data as D
+from . import launch as L
+from .launch import SINGLE, Launch
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -433,11 +435,14 @@ def train_steps(
     evaluate: Callable[[], float] | None = None,
     metric: str = "accuracy",
     progress: bool = True,
+    launch: Launch = SINGLE,
 ) -> History:
     """Train for ``s.epochs`` (or ``s.max_steps``) with linear warm-up and decay.
 
     With ``evaluate``, the held-out metric is taken before training and after each epoch (the time
-    it takes is not counted in ``History.train_seconds``).
+    it takes is not counted in ``History.train_seconds``). Under torchrun (``launch``), every rank
+    draws the same global batches and trains on its rows of each (``model`` is the DDP or FSDP2
+    module): the steps, and the losses recorded, are those of one process at ``s.batch_size``.
     """
     assert s.batch_size is not None
     per_epoch, total = plan_steps(len(train), s)
@@ -455,14 +460,18 @@ def train_steps(
         model.train()
         start = time.perf_counter()
         for batch in bar:
-            loss = model(**batch).loss
-            loss.backward()
+            rows, real = L.shard_rows(batch, launch)
+            loss = model(**to_device(rows, launch.device)).loss
+            if launch.distributed:  # DDP and FSDP average the ranks' gradients
+                (loss * L.loss_weight(rows, real, batch, launch)).backward()
+            else:
+                loss.backward()
             if s.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            history.losses.append(loss.item())
+            history.losses.append(batch_loss(loss, rows, real, batch, launch))
             bar.set_postfix(loss=f"{_running(history.losses):.4f}")
             step += 1
         history.train_seconds += time.perf_counter() - start
@@ -504,6 +513,24 @@ def length_grouped_batches(
         yield next(D.batches(_subset(encoded, indices), len(indices), shuffle=False))
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return batch if device.type == "cpu" else {k: v.to(device) for k, v in batch.items()}
+
+
+def batch_loss(
+    loss: torch.Tensor,
+    rows: dict[str, torch.Tensor],
+    real: bool,
+    batch: dict[str, torch.Tensor],
+    launch: Launch,
+) -> float:
+    """The mean loss of the whole global batch: the ranks' loss sums added up, over its items."""
+    if not launch.distributed:
+        return loss.item()
+    mine = loss.item() * L.loss_items(rows) if real else 0.0
+    return L.sum_across([mine], launch)[0] / max(1, L.loss_items(batch))
+
+
 def _take(it: Iterator[Any], n: int) -> Iterator[Any]:
     for i, item in enumerate(it):
         if i >= n:
@@ -519,29 +546,43 @@ def _running(losses: list[float], window: int = 20) -> float:
 # --------------------------------------------------------------------------- evaluation
 
 
+def eval_batches(
+    test: D.Encoded, batch_size: int, progress: bool, launch: Launch
+) -> Iterator[tuple[dict[str, torch.Tensor], bool]]:
+    """This rank's batches of ``test`` in order, each with whether it counts (see L.eval_shards)."""
+    shards = L.eval_shards(len(test), batch_size, launch)
+    for indices in _progress(shards, len(shards), "eval", progress):
+        batch = next(D.batches(_subset(test, indices or [0]), len(indices or [0]), shuffle=False))
+        yield to_device(batch, launch.device), bool(indices)
+
+
 @torch.no_grad()
-def accuracy(model: nn.Module, test: D.Encoded, batch_size: int, progress: bool = False) -> float:
-    """Fraction of ``test`` whose arg-max logit is the label."""
+def accuracy(
+    model: nn.Module, test: D.Encoded, batch_size: int, progress: bool = False, launch: Launch = SINGLE
+) -> float:
+    """Fraction of ``test`` whose arg-max logit is the label (under torchrun: the ranks' shares
+    counted and added up)."""
     model.eval()
     correct = 0
-    n_batches = math.ceil(len(test) / batch_size)
-    for batch in _progress(D.batches(test, batch_size, shuffle=False), n_batches, "eval", progress):
+    for batch, counts in eval_batches(test, batch_size, progress, launch):
         labels = batch.pop("labels")
         logits = model(**batch).logits
-        correct += int((logits.argmax(-1) == labels).sum())
-    return correct / len(test)
+        correct += int((logits.argmax(-1) == labels).sum()) if counts else 0
+    return L.sum_across([correct], launch)[0] / len(test)
 
 
 @torch.no_grad()
-def lm_loss(model: nn.Module, test: D.Encoded, batch_size: int, progress: bool = False) -> float:
+def lm_loss(
+    model: nn.Module, test: D.Encoded, batch_size: int, progress: bool = False, launch: Launch = SINGLE
+) -> float:
     """Mean next-token loss over every labelled token of ``test`` (not a mean of batch means)."""
     model.eval()
     total, count = 0.0, 0
-    n_batches = math.ceil(len(test) / batch_size)
-    for batch in _progress(D.batches(test, batch_size, shuffle=False), n_batches, "eval", progress):
-        n = int((batch["labels"][:, 1:] != D.IGNORE_INDEX).sum())  # the model shifts labels by one
+    for batch, counts in eval_batches(test, batch_size, progress, launch):
+        n = int((batch["labels"][:, 1:] != D.IGNORE_INDEX).sum()) if counts else 0  # labels shift by one
         total += float(model(**batch).loss) * n
         count += n
+    total, count = L.sum_across([total, count], launch)
     return total / max(count, 1)
 
 
@@ -549,12 +590,14 @@ def metric_name(task: str) -> str:
     return "accuracy" if task == SEQ_CLS else "loss"
 
 
-def evaluator(model: nn.Module, test: D.Encoded, s: RunSettings, progress: bool) -> Callable[[], float]:
-    """The held-out metric of ``s.task`` as a zero-argument function."""
+def evaluator(
+    model: nn.Module, test: D.Encoded, s: RunSettings, progress: bool, launch: Launch = SINGLE
+) -> Callable[[], float]:
+    """The held-out metric of ``s.task`` as a zero-argument function (a collective under torchrun)."""
     test = by_length(test)
     if s.task == SEQ_CLS:
-        return lambda: accuracy(model, test, s.eval_batch_size, progress)
-    return lambda: lm_loss(model, test, s.eval_batch_size, progress)
+        return lambda: accuracy(model, test, s.eval_batch_size, progress, launch)
+    return lambda: lm_loss(model, test, s.eval_batch_size, progress, launch)
 
 
 @torch.no_grad()
@@ -569,6 +612,7 @@ def generate(
             user = [{"role": "user", "content": prompt}]
             prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
         ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+        ids = ids.to(next(model.parameters()).device)
         out = model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),

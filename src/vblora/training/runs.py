@@ -22,6 +22,7 @@ from ..formats.atomic import existing_ancestor, publish_folder, staging_folder
 from ..model import VBLoRAModel
 from ..version import __version__
 from . import loop as T
+from .launch import SINGLE, Launch
 from .loop import CAUSAL_LM, SEQ_CLS, RunError, RunSettings
 
 METRICS_NAME = "metrics.json"
@@ -93,9 +94,15 @@ def quiet_transformers() -> None:
 
 
 def train_metrics(
-    s: RunSettings, history: T.History, model: Any, adapter: pathlib.Path, total_seconds: float
+    s: RunSettings,
+    history: T.History,
+    model: Any,
+    adapter: pathlib.Path,
+    total_seconds: float,
+    launch: Launch = SINGLE,
 ) -> dict[str, Any]:
-    """The content of ``metrics.json``: ``before``/``after`` are the held-out metric at step 0 and the end."""
+    """The content of ``metrics.json``: ``before``/``after`` are the held-out metric at step 0 and the
+    end; ``processes`` how many trained together (torchrun), how, and on which device."""
     trainable, total = model.get_nb_trainable_parameters()
     vblora, other = model.get_nb_savable_parameters()
     metric = T.metric_name(s.task)
@@ -115,12 +122,25 @@ def train_metrics(
         "adapter_bytes": adapter_bytes(adapter),
         "compact_bytes": (adapter.parent / COMPACT_NAME).stat().st_size if s.compact else None,
         "settings": dataclasses.asdict(s),
+        "processes": processes(launch),
         "environment": environment(),
     }
     if s.task == CAUSAL_LM:
         metrics["perplexity_before"] = perplexity(metrics["before"])
         metrics["perplexity_after"] = perplexity(metrics["after"])
     return metrics
+
+
+def processes(launch: Launch) -> dict[str, Any]:
+    """The launch of a run: its world size, DDP or FSDP2 (or none), the backend and device type."""
+    parallel = ("fsdp2" if launch.fsdp else "ddp") if launch.distributed else None
+    backend = launch.backend if launch.distributed else None
+    return {
+        "world_size": launch.world_size,
+        "parallel": parallel,
+        "backend": backend,
+        "device": launch.device.type,
+    }
 
 
 def perplexity(loss: float) -> float:
@@ -174,6 +194,10 @@ def print_summary(m: dict[str, Any], output: pathlib.Path) -> None:
     print(
         f"time: {m['train_seconds']:.0f} s training, {m['total_seconds']:.0f} s in all ({m['steps']} steps)"
     )
+    p = m.get("processes") or {}
+    if p.get("world_size", 1) > 1:
+        how = f"{p['parallel']}, {p['backend']} on {p['device']}"
+        print(f"processes: {p['world_size']} ({how}), each trained on its share of every batch")
     print(
         f"params: {m['trainable_params']:,} trainable, {m['savable_params']['vblora']:,} VB-LoRA savable "
         f"(float32-equivalent) + {m['savable_params']['other']:,} head"
