@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ..core.routing import BASE_ADAPTER
 from ..model import VBLoRAModel
+from .metrics import Histogram
 from .store import AdapterLoadError, AdapterStore, UnknownAdapter
 
 
@@ -95,12 +96,16 @@ class _Row:
     done: bool = False
 
 
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
 @dataclass
 class BatcherStats:
     batches: int = 0
     rows: int = 0
-    batch_sizes: list[int] = field(default_factory=list)  # recent, newest last
+    batch_sizes: Histogram = field(default_factory=lambda: Histogram(BATCH_SIZES))
     generated_tokens: int = 0
+    cancelled_rows: int = 0  # rows that left their batch because the client went away
     decode_seconds: float = 0.0
     last_tokens_per_second: float = 0.0
 
@@ -164,6 +169,7 @@ class Batcher:
             raise ValueError(f"max_batch and max_queue must be positive, got {max_batch}, {max_queue}")
         self.store = store
         self.tokenizer = tokenizer
+        self.tokenizer_lock = threading.Lock()  # a fast tokenizer refuses use from two threads at once
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.max_wait = max_wait
@@ -275,7 +281,7 @@ class Batcher:
         self._running = len(rows)
         self.stats.batches += 1
         self.stats.rows += len(rows)
-        self.stats.batch_sizes = [*self.stats.batch_sizes[-999:], len(rows)]
+        self.stats.batch_sizes.observe(len(rows))
         start, tokens = time.perf_counter(), 0
         prompts = [r.job.prompt_ids for r in rows]
         width = max(len(p) for p in prompts)
@@ -346,13 +352,15 @@ class Batcher:
         params = row.job.params
         if row.job.cancelled.is_set():
             row.done = True
+            self.stats.cancelled_rows += 1
             return
         reason = None
         if token in self.eos:
             reason = "stop"
         else:
             row.ids.append(token)
-            row.text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
+            with self.tokenizer_lock:
+                row.text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
             cut = _find_stop(row.text, params.stop)
             if cut is not None:
                 row.text, reason = row.text[:cut], "stop"

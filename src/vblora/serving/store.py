@@ -32,6 +32,7 @@ from ..core.routing import BASE_ADAPTER
 from ..files import load_compact
 from ..formats.readers import CONFIG_NAME, WEIGHTS_NAME
 from ..model import VBLoRAModel
+from .metrics import Histogram
 
 COMPACT_SUFFIX = ".vblora"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,199}")
@@ -54,11 +55,15 @@ class _Resident:
     stale: bool = field(default=False)  # replaced or removed on disk: drop once unpinned
 
 
+LOAD_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
+
 @dataclass
 class StoreStats:
     loads: int = 0
     evictions: int = 0
-    load_seconds: list[float] = field(default_factory=list)  # recent load times, newest last
+    load_failures: int = 0
+    load_seconds: Histogram = field(default_factory=lambda: Histogram(LOAD_SECONDS))
 
 
 def valid_name(name: object) -> bool:
@@ -137,6 +142,18 @@ class AdapterStore:
                 if _stamp(path) is not None:
                     return path
         return None
+
+    def forget_missing(self, name: str) -> None:
+        """Drop a resident adapter whose file is gone (without waiting: when a batch holds the lock,
+        the next load of that name finds it gone instead)."""
+        if name in self._resident and self.lock.acquire(blocking=False):
+            try:
+                entry = self._resident.get(name)
+                if entry is not None and self.locate(name) is None:
+                    entry.stale = True
+                    self._drop_stale()
+            finally:
+                self.lock.release()
 
     def names(self) -> list[str]:
         """Every adapter known now: registered ones, then the folders' (one directory listing each)."""
@@ -276,12 +293,13 @@ class AdapterStore:
             else:
                 model = VBLoRAModel.from_pretrained(target, path, name, is_trainable=False)
         except (ValueError, TypeError, OSError) as err:
+            self.stats.load_failures += 1
             raise AdapterLoadError(f"adapter {name!r} ({path}): {err}") from None
         self.model = model
         nbytes = adapter_bytes(model, name)
         self._resident[name] = _Resident(path, stamp or (), nbytes)
         self.stats.loads += 1
-        self.stats.load_seconds = [*self.stats.load_seconds[-999:], time.perf_counter() - start]
+        self.stats.load_seconds.observe(time.perf_counter() - start)
 
     def _remove(self, name: str) -> None:
         del self._resident[name]
