@@ -3,6 +3,12 @@
 Arithmetic is fp32; each layer's kind (see :mod:`vblora.layers.base`) says how an update enters
 its weight. A weight shared with another module (tied embeddings) is refused, since merging would
 change both.
+
+Quantized bases (bitsandbytes 4-bit and 8-bit) are not merged into as they are: rounding ΔW into
+4-bit weights loses most of a small update. :func:`dequantize_bases` first gives each such layer a
+full-precision copy, dequant(W_q), which then merges exactly (the weights the adapter was trained
+against); requantizing in place is opt-in (``requantize=True``), warns with the share of ΔW that
+survived, and :func:`unmerge` restores the original quantized bytes.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .layers.bnb import QuantizedKind, quantized_kind
 from .layers.wrapper import VBLoRALayer
 
 
@@ -40,9 +47,18 @@ def refuse_tied(root: nn.Module, layers: Sequence[VBLoRALayer]) -> None:
             )
 
 
-def merge(root: nn.Module, layers: Sequence[VBLoRALayer], names: Sequence[str], safe_merge: bool) -> None:
+def merge(
+    root: nn.Module,
+    layers: Sequence[VBLoRALayer],
+    names: Sequence[str],
+    safe_merge: bool,
+    requantize: bool = False,
+) -> None:
     """Add ΔW of adapters ``names`` into the weights of ``layers``; with ``safe_merge`` every merged
-    weight is checked for NaN/inf before any weight is written. Already merged ones are skipped."""
+    weight is checked for NaN/inf before any weight is written. Already merged ones are skipped.
+
+    A quantized base is refused unless ``requantize``: then its weight becomes quant(dequant(W) + ΔW)
+    (lossy, with a warning stating the share of ΔW kept) and unmerging restores the original bytes."""
     already = [n for n in names if n in merged_names(layers)]
     if already:
         warnings.warn(f"adapter(s) {already} already merged; nothing to do for them", stacklevel=3)
@@ -51,6 +67,15 @@ def merge(root: nn.Module, layers: Sequence[VBLoRALayer], names: Sequence[str], 
         (layer, name, layer.delta_weight(name)) for layer in layers for name in names if name in layer.banks
     ]
     refuse_tied(root, [layer for layer, _, _ in plan])
+    quantized = [layer.path for layer, _, _ in plan if _quantized(layer)]
+    if quantized and not requantize:
+        raise TypeError(
+            f"{quantized[0]} (and {len(quantized) - 1} more) has a quantized weight "
+            f"({type(_base(layers, quantized[0])).__name__}); nothing was merged. "
+            "merge_and_unload(dequantize=True) returns a full-precision model with dequant(W) + ΔW "
+            "(outputs equal the unmerged model's); merge_adapter(requantize=True) rounds ΔW into the "
+            "quantized weights, losing most of a small update; or serve the adapter unmerged"
+        )
     if safe_merge:
         for layer, name, delta in plan:
             weight = layer.kind.dense_weight(layer.base_layer)
@@ -60,9 +85,26 @@ def merge(root: nn.Module, layers: Sequence[VBLoRALayer], names: Sequence[str], 
                 raise ValueError(
                     f"merging adapter {name!r} would put NaN or inf into {layer.path}; nothing was merged"
                 )
+    kept, total = 0.0, 0.0
     for layer, name, delta in plan:
-        layer.merge_delta(delta, +1.0)
+        if _quantized(layer):
+            dot, norm2 = layer.kind.requantize(layer.base_layer, delta)
+            kept, total = kept + dot, total + norm2
+        else:
+            layer.merge_delta(delta, +1.0)
         layer.merged_adapters.append(name)
+    if quantized:
+        warnings.warn(
+            f"merged {names} into {len(quantized)} quantized weights by requantizing: only "
+            f"{100 * kept / max(total, 1e-30):.1f}% of ΔW survived the rounding (its projection on the "
+            "update); outputs differ from the unmerged model's. unmerge_adapter() restores the "
+            "original quantized weights exactly; merge_and_unload(dequantize=True) keeps all of ΔW",
+            stacklevel=3,
+        )
+
+
+def _base(layers: Sequence[VBLoRALayer], path: str) -> nn.Module:
+    return next(layer.base_layer for layer in layers if layer.path == path)
 
 
 def unmerge(layers: Sequence[VBLoRALayer]) -> None:
@@ -73,4 +115,57 @@ def unmerge(layers: Sequence[VBLoRALayer]) -> None:
     for layer in merged:
         while layer.merged_adapters:
             name = layer.merged_adapters.pop()
-            layer.merge_delta(layer.delta_weight(name), -1.0)
+            if _quantized(layer):
+                layer.kind.restore(layer.base_layer)  # the bytes before that merge, not a second rounding
+            else:
+                layer.merge_delta(layer.delta_weight(name), -1.0)
+
+
+def dequantize_bases(
+    root: nn.Module, layers: Sequence[VBLoRALayer], dtype: torch.dtype = torch.float32
+) -> int:
+    """Replace every quantized linear layer of ``root`` (adapted or not) by an ``nn.Linear`` holding
+    dequant(W) in ``dtype``; returns how many. A transformers model also loses its quantization
+    config, so ``save_pretrained`` writes a plain full-precision model.
+
+    Raises:
+        ValueError: an adapter is merged into a quantized weight (unmerge first).
+    """
+    requantized = [layer.path for layer in layers if layer.merged_adapters and _quantized(layer)]
+    if requantized:
+        raise ValueError(
+            f"{requantized[0]}: an adapter is merged into its quantized weight; unmerge_adapter() "
+            "first, so that the dequantized weight is the one the adapter was trained against"
+        )
+    count = 0
+    for layer in layers:
+        kind = quantized_kind(layer.base_layer)
+        if kind is not None:
+            layer.replace_base_layer(kind.to_linear(layer.base_layer, dtype))
+            count += 1
+    for path, module in list(root.named_modules()):  # quantized layers no adapter wraps
+        kind = quantized_kind(module)
+        if kind is not None:
+            parent, _, name = path.rpartition(".")
+            setattr(root.get_submodule(parent), name, kind.to_linear(module, dtype))
+            count += 1
+    if count:
+        _forget_quantization(root)
+    return count
+
+
+def _quantized(layer: VBLoRALayer) -> bool:
+    return isinstance(layer.kind, QuantizedKind)
+
+
+def _forget_quantization(root: nn.Module) -> None:
+    """transformers' own clean-up after dequantizing (its quantizers' remove_quantization_config)."""
+    quantizer = getattr(root, "hf_quantizer", None)
+    if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
+        quantizer.remove_quantization_config(root)
+        return
+    config = getattr(root, "config", None)
+    if config is not None and hasattr(config, "quantization_config"):
+        del config.quantization_config
+    if getattr(root, "is_quantized", False):
+        root.is_quantized = False

@@ -293,35 +293,62 @@ class VBLoRAModel(CheckpointMethods, BaseModelMethods, nn.Module):
             self._disabled = False
             for module in modules:
                 module.disabled = False
-            if merged:
-                self.merge_adapter(merged)
+            if merged:  # merged before, so a quantized base was requantized by request
+                self.merge_adapter(merged, requantize=True)
 
     # ------------------------------------------------------------------ merging
     @property
     def merged_adapters(self) -> list[str]:
         return merging.merged_names(list(self.vblora_layers()))
 
-    def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
+    def merge_adapter(
+        self,
+        adapter_names: Sequence[str] | None = None,
+        safe_merge: bool = False,
+        *,
+        requantize: bool = False,
+    ) -> None:
         """Add ΔW of the given adapters (default: the active ones) into the base weights.
 
         Arithmetic is fp32. With ``safe_merge`` every merged weight is checked for NaN/inf before
-        any weight is written. Adapters already merged are skipped with a warning.
+        any weight is written. Adapters already merged are skipped with a warning. A quantized base
+        (bitsandbytes 4/8-bit) is refused unless ``requantize``: then ΔW is rounded into the
+        quantized weights (lossy; a warning states the share kept) and :meth:`unmerge_adapter`
+        restores the original quantized bytes.
         """
         names = list(dict.fromkeys(self.adapters.active if adapter_names is None else adapter_names))
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; existing: {list(self.peft_config)}")
-        merging.merge(self.model, list(self.vblora_layers()), names, safe_merge)
+        merging.merge(self.model, list(self.vblora_layers()), names, safe_merge, requantize)
 
     def unmerge_adapter(self) -> None:
         """Subtract every merged adapter's ΔW again (last merged first)."""
         merging.unmerge(list(self.vblora_layers()))
 
     def merge_and_unload(
-        self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
+        self,
+        safe_merge: bool = False,
+        adapter_names: Sequence[str] | None = None,
+        *,
+        dequantize: bool = False,
+        dtype: torch.dtype = torch.float32,
+        requantize: bool = False,
     ) -> nn.Module:
-        """Merge the adapters into the base weights and return the plain base model."""
-        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        """Merge the adapters into the base weights and return the plain base model.
+
+        ``dequantize``: every quantized linear layer (bitsandbytes 4/8-bit) becomes an ``nn.Linear``
+        in ``dtype`` holding dequant(W_q) + ΔW, the weights the adapter was trained against, so the
+        merged model's outputs equal the unmerged one's. ``requantize``: see :meth:`merge_adapter`.
+        """
+        if dequantize:
+            names = list(self.adapters.active if adapter_names is None else adapter_names)
+            merged = self.merged_adapters
+            if merged:
+                self.unmerge_adapter()
+            merging.dequantize_bases(self.model, list(self.vblora_layers()), dtype)
+            adapter_names = list(dict.fromkeys([*merged, *names]))
+        self.merge_adapter(adapter_names, safe_merge=safe_merge, requantize=requantize)
         return self._unwrap(keep_trained_copies=True)
 
     def unload(self) -> nn.Module:

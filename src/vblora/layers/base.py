@@ -12,6 +12,7 @@ from typing import Protocol
 
 from torch import Tensor, nn
 
+from .bnb import LINEAR_4BIT, LINEAR_8BIT
 from .linear import CONV1D, LINEAR
 
 
@@ -40,8 +41,9 @@ class LayerKind(Protocol):
         ...
 
 
-# First match wins: more specific kinds before the kinds they subclass.
-KINDS: tuple[LayerKind, ...] = (CONV1D, LINEAR)
+# First match wins: more specific kinds before the kinds they subclass (bitsandbytes' layers are
+# nn.Linear subclasses).
+KINDS: tuple[LayerKind, ...] = (LINEAR_4BIT, LINEAR_8BIT, CONV1D, LINEAR)
 
 
 def kind_of(module: nn.Module) -> LayerKind | None:

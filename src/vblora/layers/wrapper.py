@@ -82,6 +82,17 @@ class VBLoRALayer(nn.Module):
         self.dropout_rates.pop(name, None)
         self.active_adapters = tuple(a for a in self.active_adapters if a != name)
 
+    def replace_base_layer(self, module: nn.Module) -> None:
+        """Wrap ``module`` instead (same sizes and layout), e.g. a dequantized copy of the base layer."""
+        kind = kind_of(module)
+        if kind is None or kind.features(module) != (self.in_features, self.out_features):
+            raise TypeError(
+                f"{self.path}: {type(module).__name__} cannot replace {type(self.base_layer).__name__}"
+            )
+        if kind.fan_in_fan_out != self.fan_in_fan_out:
+            raise TypeError(f"{self.path}: {type(module).__name__} stores its weight in another layout")
+        self.base_layer, self.kind = module, kind
+
     @property
     def weight(self) -> Tensor:
         """The base layer's weight (models such as T5 read ``module.weight.dtype``)."""
@@ -94,6 +105,56 @@ class VBLoRALayer(nn.Module):
     @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)
+
+    # ------------------------------------------------------------------ PEFT's tuner-layer API
+    adapter_layer_names = ("vblora_logits_A", "vblora_logits_B", "vblora_vector_bank")
+    other_param_names: tuple[str, ...] = ()
+
+    def get_base_layer(self) -> nn.Module:
+        return self.base_layer
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self.active_adapters[0] if len(self.active_adapters) == 1 else list(self.active_adapters)
+
+    def set_adapter(self, adapter_names: str | list[str]) -> None:
+        """Apply these adapters in this layer only (PEFT's per-layer call; names this layer lacks
+        are skipped). Trainability stays the model's: one bank serves every layer, so only the
+        model's ``set_adapter`` changes it."""
+        names = (adapter_names,) if isinstance(adapter_names, str) else tuple(dict.fromkeys(adapter_names))
+        self.active_adapters = tuple(n for n in names if n in self.banks)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self.disabled
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self.disabled = not enabled
+
+    @property
+    def vblora_vector_bank(self) -> dict[str, Tensor]:
+        """Each adapter's bank (the model's one parameter, shared by every layer, as in PEFT)."""
+        return {name: bank.bank for name, bank in self.banks.items()}
+
+    @property
+    def vblora_logits_A(self) -> dict[str, Tensor]:
+        """Views of this layer's rows of each adapter's logits table, shaped as PEFT's (r, in/b, h);
+        a selection-only (top-k) adapter has no logits and is left out."""
+        return {name: self._logits(name)[0] for name in self.banks if self._logits(name) is not None}
+
+    @property
+    def vblora_logits_B(self) -> dict[str, Tensor]:
+        """As :attr:`vblora_logits_A`, PEFT's (out/b, r, h)."""
+        return {name: self._logits(name)[1] for name in self.banks if self._logits(name) is not None}
+
+    def _logits(self, name: str) -> tuple[Tensor, Tensor] | None:
+        bank = self.banks[name]
+        if bank.topk_indices is not None:
+            return None
+        slot, h = bank.layout[self.path], bank.num_vectors
+        b = slot.vector_length
+        a = bank.logits[slot.a_offset : slot.b_offset].view(slot.r, slot.in_features // b, h)
+        return a, bank.logits[slot.b_offset : slot.end].view(slot.out_features // b, slot.r, h)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
