@@ -155,6 +155,10 @@ def run(args: argparse.Namespace) -> int:
             _train(args, launch)
     except L.PeerFailed:  # rank 0 says why
         return L.EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank; rank 0 says so
+        if launch.is_main:
+            raise
+        return 130
     except L.RankFailed as err:
         raise RunError(str(err)) from None
     except ValueError as err:  # RunError, DataError, FormatError: one line that names the rank
@@ -188,6 +192,9 @@ def _train(args: argparse.Namespace, launch: L.Launch) -> None:
         with L.together(launch):  # local work: a failure on any rank stops every rank here
             s.check()
             _check_launch(args, launch)
+            if launch.distributed and launch.is_main:
+                T.resolve_model_path(s.model or "")  # a packaged model is converted once, by rank 0
+        with L.together(launch):
             assert s.data is not None
             output = args.output or pathlib.Path("runs") / pathlib.Path(s.data).stem
             if launch.is_main:

@@ -321,6 +321,7 @@ def launch_workers(nproc: int, argv: Sequence[str], threads: int | None = None) 
     ``threads``: OMP_NUM_THREADS of each worker when unset (default: the cores shared out).
     """
     from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     if nproc < 1:
@@ -338,6 +339,8 @@ def launch_workers(nproc: int, argv: Sequence[str], threads: int | None = None) 
             return EXIT_BAD_INPUT
         shown = ", ".join(f"rank {r}: exit code {c}" for r, c in sorted(codes.items()))
         raise LaunchError(f"a worker process failed ({shown}); its traceback is above") from None
+    except SignalException:  # Ctrl-C (or SIGTERM): torchrun has stopped every worker
+        raise KeyboardInterrupt from None
     finally:
         quiet.setLevel(level)
         sys.stdout.flush()
