@@ -258,6 +258,7 @@ class AdapterStore:
     def _unpin(self, names: list[str]) -> None:
         for name in names:
             self._resident[name].pins -= 1
+            self._resident.move_to_end(name)  # used until now: the most recent
         self._drop_stale()
         self._evict()
 
