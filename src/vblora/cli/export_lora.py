@@ -6,7 +6,13 @@ import argparse
 
 from ..files import export_lora
 from ..training import runs as R
-from .options import add_adapter_argument, add_from_compact_argument, add_output_arguments, run_overrides
+from .options import (
+    add_adapter_argument,
+    add_from_compact_argument,
+    add_output_arguments,
+    add_quantize_options,
+    run_overrides,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -19,6 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_adapter_argument(p)
     add_output_arguments(p)
     add_from_compact_argument(p, "export")
+    add_quantize_options(p, default="the run's")
     p.set_defaults(func=run)
 
 

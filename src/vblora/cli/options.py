@@ -93,6 +93,38 @@ def add_data_options(parser: argparse.ArgumentParser, default: str | None = None
     return g
 
 
+def _quantize(text: str) -> str | None:
+    return None if text.lower() == "none" else text
+
+
+def add_quantize_options(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    """A bitsandbytes-quantized base (train; eval/merge/export-lora override the run's, ``default``)."""
+    g = parser.add_argument_group("quantized base (bitsandbytes; pip install 'vblora[quant]')")
+    choices = [*T.QUANTIZE, None]
+    add(
+        g,
+        "--quantize",
+        "quantize the base model's linear layers: nf4, fp4, int8 or none",
+        default,
+        type=_quantize,
+        choices=choices,
+        metavar="|".join([*T.QUANTIZE, "none"]),
+    )
+    add(
+        g,
+        "--double-quant",
+        "4-bit: quantize the block scales too (QLoRA's double quantization)",
+        action="store_true",
+    )
+    add(
+        g,
+        "--compute-dtype",
+        "4-bit: dtype of the dequantized matmul",
+        default,
+        choices=list(T.COMPUTE_DTYPES),
+    )
+
+
 def add_adapter_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=pathlib.Path, help="a folder written by `vblora train`, or an adapter folder")
     p.add_argument(

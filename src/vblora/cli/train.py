@@ -16,6 +16,7 @@ import torch
 from ..files import save_compact
 from ..formats.compact import COMPACT_BANK_DTYPES
 from ..injection.targeting import find_modules_to_save
+from ..layers.bnb import prepare_model_for_kbit_training
 from ..training import launch as L
 from ..training import loop as T
 from ..training import runs as R
@@ -26,6 +27,7 @@ from .options import (
     _targets,
     add,
     add_data_options,
+    add_quantize_options,
     default_of,
     settings_from_args,
     show,
@@ -119,6 +121,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("causal LM")
     add(g, "--num-generations", "held-out prompts answered greedily before and after training", type=int)
     add(g, "--max-new-tokens", "tokens generated per prompt", type=int)
+    add_quantize_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     g = p.add_argument_group("processes and devices (see the README's multi-process training)")
     g.add_argument(
@@ -246,7 +249,11 @@ def _prepare_training(s: RunSettings) -> tuple[RunSettings, Any, Any, T.TaskData
     data = s.data if T.is_builtin(s.data) else str(pathlib.Path(s.data).expanduser().resolve())
     s = dataclasses.replace(s, model=R.portable(s.model), data=data, labels=label_names or None)
     torch.manual_seed(s.seed)  # the classifier head's initialisation
-    base, tokenizer, new_modules = T.load_base_model_and_new_modules(s.task, s.model, label_names=label_names)
+    base, tokenizer, new_modules = T.load_base_model_and_new_modules(
+        s.task, s.model, label_names=label_names, quantization=s
+    )
+    if s.quantize:  # freeze, norms and heads in fp32 (checkpointing stays off, as without --quantize)
+        prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     _check_new_modules_are_saved(base, new_modules, s)
     task_data = T.prepare_data(s, tokenizer, examples, label_names)
     print(f"data: {s.data}: {len(task_data.train)} training and {len(task_data.test)} held-out examples")

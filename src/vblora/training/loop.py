@@ -84,6 +84,10 @@ DATA_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+QUANTIZE = ("nf4", "fp4", "int8")
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 class RunError(ValueError):
     """A bad setting or input; the message is one line that says what to change."""
 
@@ -118,6 +122,10 @@ class RunSettings:
     modules_to_save: list[str] | None = None
     save_full_logits: bool = False
     compact: str | None = None  # also write adapter.vblora with the bank in this precision (a name)
+    # a bitsandbytes-quantized base (QLoRA style): nf4, fp4 or int8; the adapter stays fp32
+    quantize: str | None = None
+    double_quant: bool = False  # 4-bit: quantize the block scales too
+    compute_dtype: str = "float32"  # 4-bit: the dtype of the dequantized matmul
     # optimisation
     epochs: int | None = None
     batch_size: int | None = None
@@ -189,6 +197,12 @@ class RunSettings:
                 raise RunError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise RunError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            raise RunError(f"--quantize must be one of {', '.join(QUANTIZE)} or none, got {self.quantize!r}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise RunError(
+                f"--compute-dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}"
+            )
         if self.compact is not None and self.compact not in COMPACT_BANK_DTYPES:
             raise RunError(f"--compact must be one of {', '.join(COMPACT_BANK_DTYPES)}, got {self.compact!r}")
 
@@ -318,15 +332,48 @@ def resolve_model_path(name: str) -> str:
 
 
 def load_base_model(
-    task: str, name: str, num_labels: int = 2, label_names: list[str] | None = None
+    task: str,
+    name: str,
+    num_labels: int = 2,
+    label_names: list[str] | None = None,
+    quantization: RunSettings | None = None,
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """The transformers model for ``task`` and its tokenizer, in float32 and eval mode."""
-    model, tokenizer, _ = load_base_model_and_new_modules(task, name, num_labels, label_names)
+    """The transformers model for ``task`` and its tokenizer, in float32 and eval mode; quantized by
+    bitsandbytes as ``quantization``'s ``quantize`` says (if set)."""
+    model, tokenizer, _ = load_base_model_and_new_modules(task, name, num_labels, label_names, quantization)
     return model, tokenizer
 
 
+def quantization_kwargs(s: RunSettings | None) -> dict[str, Any]:
+    """``from_pretrained`` arguments that load the base quantized by bitsandbytes (on the CPU, where
+    the layers are quantized; a run on a GPU moves them), or none."""
+    if s is None or s.quantize is None:
+        return {}
+    try:
+        import bitsandbytes  # noqa: F401  (lazy: heavy, optional)
+        from transformers import BitsAndBytesConfig
+    except ImportError as err:
+        raise RunError(
+            f"--quantize {s.quantize} needs bitsandbytes ({err}); pip install 'vblora[quant]'"
+        ) from None
+    if s.quantize == "int8":
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=s.quantize,
+            bnb_4bit_use_double_quant=s.double_quant,
+            bnb_4bit_compute_dtype=COMPUTE_DTYPES[s.compute_dtype],
+        )
+    return {"quantization_config": config, "device_map": "cpu"}
+
+
 def load_base_model_and_new_modules(
-    task: str, name: str, num_labels: int = 2, label_names: list[str] | None = None
+    task: str,
+    name: str,
+    num_labels: int = 2,
+    label_names: list[str] | None = None,
+    quantization: RunSettings | None = None,
 ) -> tuple[nn.Module, PreTrainedTokenizerBase, list[str]]:
     """As :func:`load_base_model`, and the modules the checkpoint did not hold (freshly initialised:
     a new classifier head, or one whose label count differs from the checkpoint's)."""
@@ -334,6 +381,7 @@ def load_base_model_and_new_modules(
 
     path = resolve_model_path(name)
     dtype = {D.dtype_kwarg(): torch.float32}  # `dtype` since transformers 4.56, `torch_dtype` before
+    dtype.update(quantization_kwargs(quantization))
     try:
         # never download: a hub-style name must already be in the local Hugging Face cache
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

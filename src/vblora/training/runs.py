@@ -302,7 +302,7 @@ def load_saved_model(
     labels = label_names or s.labels
     if labels is None and s.task == SEQ_CLS:
         labels = [str(i) for i in range(_saved_label_count(path) or 2)]
-    base, tokenizer = T.load_base_model(s.task, s.model, label_names=labels)
+    base, tokenizer = T.load_base_model(s.task, s.model, label_names=labels, quantization=s)
     try:
         model = load_compact(base, path) if compact else VBLoRAModel.from_pretrained(base, path)
     except (ValueError, TypeError) as err:  # one line: the loader's summary and its first problem
