@@ -3,6 +3,7 @@
 from .core.config import VBLoRAConfig
 from .core.routing import BASE_ADAPTER
 from .files import export_lora, load_compact, save_compact
+from .layers.bnb import prepare_model_for_kbit_training
 from .model import VBLoRAModel, get_vblora_model
 from .optim import optimizer_param_groups
 from .version import __version__ as __version__
@@ -15,5 +16,6 @@ __all__ = [
     "get_vblora_model",
     "load_compact",
     "optimizer_param_groups",
+    "prepare_model_for_kbit_training",
     "save_compact",
 ]

@@ -19,9 +19,17 @@ from torch import nn
 from torch.nn import functional as F
 
 from conftest import tiny_llama
-from vblora import VBLoRAConfig, VBLoRAModel, export_lora, get_vblora_model, load_compact, save_compact
+from vblora import (
+    VBLoRAConfig,
+    VBLoRAModel,
+    export_lora,
+    get_vblora_model,
+    load_compact,
+    prepare_model_for_kbit_training,
+    save_compact,
+)
 from vblora.layers.base import kind_of
-from vblora.layers.bnb import LINEAR_4BIT, LINEAR_8BIT, prepare_model_for_kbit_training
+from vblora.layers.bnb import LINEAR_4BIT, LINEAR_8BIT
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install vblora[quant])")
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
