@@ -548,7 +548,8 @@ def _crash_midway(monkeypatch, after: str) -> None:
     real = atomic.write_all
 
     def write(handle, data):
-        if Path(handle.name).name.startswith(f".{after}."):
+        name = Path(handle.name).name
+        if name == after or name.startswith(f".{after}."):  # in a staged folder, or a temporary
             handle.write(data[: len(data) // 2])
             raise OSError("simulated crash")
         real(handle, data)
