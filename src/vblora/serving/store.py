@@ -71,7 +71,19 @@ def valid_name(name: object) -> bool:
     return isinstance(name, str) and bool(_NAME.fullmatch(name)) and ".." not in name
 
 
-def _stamp(path: Path) -> tuple[int, ...] | None:
+def find_adapter(folders: Sequence[Path], name: str) -> Path | None:
+    """``<folder>/<name>.vblora`` or ``<folder>/<name>/`` (an adapter directory) in the first folder
+    that holds one; None for an unsafe name or none found. Two ``stat`` calls per folder."""
+    if not valid_name(name) or name == BASE_ADAPTER:
+        return None
+    for folder in folders:
+        for path in (folder / f"{name}{COMPACT_SUFFIX}", folder / name):
+            if stamp_of(path) is not None:
+                return path
+    return None
+
+
+def stamp_of(path: Path) -> tuple[int, ...] | None:
     """(inode, mtime_ns, size) of the file(s) an adapter is read from, or None when absent."""
     files = [path] if path.suffix == COMPACT_SUFFIX else [path / CONFIG_NAME, path / WEIGHTS_NAME]
     stamp: tuple[int, ...] = ()
@@ -136,12 +148,8 @@ class AdapterStore:
         with self.lock:
             registered = self._registered.get(name)
         if registered is not None:
-            return registered if _stamp(registered) is not None else None
-        for folder in self.folders:
-            for path in (folder / f"{name}{COMPACT_SUFFIX}", folder / name):
-                if _stamp(path) is not None:
-                    return path
-        return None
+            return registered if stamp_of(registered) is not None else None
+        return find_adapter(self.folders, name)
 
     def forget_missing(self, name: str) -> None:
         """Drop a resident adapter whose file is gone (without waiting: when a batch holds the lock,
@@ -195,7 +203,7 @@ class AdapterStore:
         if not valid_name(name) or name == BASE_ADAPTER:
             raise ValueError(f"invalid adapter name {name!r}: use letters, digits and ._@+- only")
         source = Path(path)
-        if _stamp(source) is None:
+        if stamp_of(source) is None:
             raise ValueError(
                 f"{source}: not a {COMPACT_SUFFIX} file or an adapter directory with {CONFIG_NAME}"
             )
@@ -271,7 +279,7 @@ class AdapterStore:
                 entry.stale = True
                 self._drop_stale()
             raise UnknownAdapter(name)
-        stamp = _stamp(path)
+        stamp = stamp_of(path)
         if entry is not None and entry.path == path and entry.stamp == stamp:
             self._resident.move_to_end(name)
             return
