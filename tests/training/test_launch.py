@@ -260,9 +260,50 @@ class FailingShards:
         return self.real(batch, launch)
 
 
+def watch_writes(stack: contextlib.ExitStack, root: str) -> list[str]:
+    """The paths under ``root`` that this process opens for writing, creates or renames onto."""
+    log: list[str] = []
+    real_open, real_mkdir, real_replace, real_rename = io.open, os.mkdir, os.replace, os.rename
+
+    def opened(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if any(c in mode for c in "wxa+") and str(file).startswith(root):
+            log.append(str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    def touching(real: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            log.extend(str(a) for a in args[:2] if str(a).startswith(root))
+            return real(*args, **kwargs)
+
+        return call
+
+    stack.enter_context(mock.patch("builtins.open", opened))
+    stack.enter_context(mock.patch("io.open", opened))
+    stack.enter_context(mock.patch("os.mkdir", touching(real_mkdir)))
+    stack.enter_context(mock.patch("os.replace", touching(real_replace)))
+    stack.enter_context(mock.patch("os.rename", touching(real_rename)))
+    return log
+
+
+def test_watch_writes_sees_the_ways_a_run_writes(tmp_path: Path) -> None:
+    import tempfile
+
+    from vblora.formats.atomic import write_files
+
+    with contextlib.ExitStack() as stack:
+        log = watch_writes(stack, str(tmp_path))
+        (tmp_path / "a.json").write_text("{}")
+        write_files({tmp_path / "b" / "c.bin": b"x"})  # the adapter's and compact file's writer
+        tempfile.mkdtemp(dir=tmp_path)  # a staging folder
+        (tmp_path / "a.json").read_text()  # reading is not writing
+    assert any(p.endswith("a.json") for p in log) and any(p.endswith("c.bin") for p in log)
+    assert any(p.endswith(os.sep + "b") for p in log) and len(log) >= 5
+
+
 def cli_worker(rank: int, world: int, jobs: list[tuple[int, list[str], str]], folder: str) -> None:
     """One rank of several `vblora train` runs in a row, as torchrun would start it; ``fail``
-    breaks this rank (rank 1 only) while loading the data or at its second training step."""
+    breaks this rank (rank 1 only) while loading the data or at its second training step. Rank 1
+    records every write it makes under ``folder`` (there should be none)."""
     from vblora.training import loop as T
 
     torch.set_num_threads(1)
@@ -270,6 +311,7 @@ def cli_worker(rank: int, world: int, jobs: list[tuple[int, list[str], str]], fo
     for i, (port, argv, fail) in enumerate(jobs):
         os.environ["MASTER_PORT"] = str(port)
         with contextlib.ExitStack() as stack:
+            writes = watch_writes(stack, folder) if rank == 1 else []
             if rank == 1 and fail == "prepare":
                 error = T.D.DataError("reviews.csv: unreadable on this machine")
                 stack.enter_context(mock.patch.object(T, "load_examples", side_effect=error))
@@ -277,7 +319,8 @@ def cli_worker(rank: int, world: int, jobs: list[tuple[int, list[str], str]], fo
                 failing = FailingShards(L.shard_rows, T.RunError("this rank ran out of memory"), at=2)
                 stack.enter_context(mock.patch.object(L, "shard_rows", failing))
             code, out, err = run_here(argv)
-        Path(folder, f"{i}-{rank}.json").write_text(json.dumps({"code": code, "out": out, "err": err}))
+        result = {"code": code, "out": out, "err": err, "writes": writes}
+        Path(folder, f"{i}-{rank}.json").write_text(json.dumps(result))
 
 
 def test_gloo_ranks_fsdp_run_equals_one_process_and_errors_stop_every_rank(
@@ -296,6 +339,7 @@ def test_gloo_ranks_fsdp_run_equals_one_process_and_errors_stop_every_rank(
     ]
     mp.spawn(cli_worker, args=(2, jobs, str(tmp_path)), nprocs=2, join=True)
     results = [[json.loads((tmp_path / f"{i}-{r}.json").read_text()) for r in range(2)] for i in range(3)]
+    assert [r1["writes"] for _, r1 in results] == [[], [], []]  # rank 0 alone writes
 
     (r0, r1), one = results[0], tmp_path / "one" / "run"
     assert (r0["code"], r1["code"], r1["out"]) == (0, 0, ""), (r0["err"], r1["err"])
