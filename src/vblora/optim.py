@@ -5,6 +5,7 @@ The paper (and PEFT's docs) train logits with lr 1e-2 and the bank with 1e-3, ne
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from torch import nn
@@ -32,7 +33,16 @@ def optimizer_param_groups(
     Returns:
         A list of groups with keys ``params``, ``lr``, ``weight_decay`` and ``name``; empty groups
         are left out.
+
+    Raises:
+        ValueError: a learning rate or the weight decay is negative, NaN or infinite.
     """
+    rates = {"logits_lr": logits_lr, "bank_lr": bank_lr, "other_lr": other_lr, "weight_decay": weight_decay}
+    for name, value in rates.items():
+        if value is not None and not (
+            isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
+        ):
+            raise ValueError(f"optimizer_param_groups: {name} must be a finite number >= 0, got {value!r}")
     logits, banks = [], []
     for module in model.modules():
         if isinstance(module, AdapterBank):

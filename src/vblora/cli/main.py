@@ -50,6 +50,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `vblora inspect ... | head`: the reader left, which is no error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0
+    except (ValueError, OverflowError, RecursionError, OSError, MemoryError) as err:
+        # a bad value found deeper (a config field, a size), or the system's refusal (a full disk,
+        # a name too long): one line too; VBLORA_TRACEBACK=1 shows where
+        if os.environ.get("VBLORA_TRACEBACK"):
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"vblora {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT if isinstance(err, (ValueError, OverflowError, RecursionError)) else 1
     return status or 0
 
 

@@ -8,18 +8,50 @@ afterwards (it is a frozen dataclass; use :func:`dataclasses.replace` to derive 
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import math
+import os
 import re
+import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 PEFT_TYPE = "VBLORA"
+CONFIG_FILE = "adapter_config.json"
+# PEFT's TaskType values, in its order (its error message lists them so).
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+# The PEFT release whose adapter format and config fields this version writes.
+PEFT_FORMAT_VERSION = "0.21.2"
 _BIAS_CHOICES = ("none", "all", "vblora_only")
 # Keys PEFT writes that carry no meaning for us; read silently.
-_PEFT_ONLY_KEYS = frozenset({"peft_type", "peft_version", "auto_mapping"})
+_PEFT_ONLY_KEYS = frozenset({"auto_mapping", "runtime_config"})
+
+
+def peft_version() -> str:
+    """What ``peft_version`` records: the installed PEFT's version (read from its metadata, PEFT is
+    not imported), else the PEFT release whose format is written. A dev version is ambiguous, and
+    no commit hash can be read without importing PEFT: recorded as ``<version>@UNKNOWN`` with a
+    warning, as PEFT does when it cannot find the commit."""
+    try:
+        version = importlib.metadata.version("peft")
+    except importlib.metadata.PackageNotFoundError:
+        return PEFT_FORMAT_VERSION
+    if "dev" in version:
+        warnings.warn(
+            f"a dev version of PEFT ({version}) is installed; its commit hash is not determined, "
+            f"so peft_version is recorded as {version}@UNKNOWN",
+            stacklevel=4,
+        )
+        return f"{version}@UNKNOWN"
+    return version
+
+
+def _plain(value: Any) -> Any:
+    """PEFT's str enums (TaskType, PeftType) as their plain string values."""
+    return getattr(value, "value", value) if isinstance(value, str) else value
 
 
 def _as_tuple(value: str | Sequence[str] | None) -> str | tuple[str, ...] | None:
@@ -27,6 +59,14 @@ def _as_tuple(value: str | Sequence[str] | None) -> str | tuple[str, ...] | None
     if value is None or isinstance(value, (str, Mapping)) or not isinstance(value, Iterable):
         return value  # a non-iterable (or a dict) is reported by the validation
     return tuple(value)
+
+
+def _finite(value: float) -> bool:
+    """``math.isfinite`` that says False, not OverflowError, for an int beyond the float range."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _check_regex(name: str, value: str) -> None:
@@ -64,6 +104,10 @@ class VBLoRAConfig:
         base_model_name_or_path: Name or path of the base model, informational.
         revision: Revision of the base model, informational.
         inference_mode: Whether the adapter was saved for inference, informational.
+        peft_type: Always ``"VBLORA"`` (PEFT's ``PeftType.VBLORA`` compares equal); accepted so that
+            PEFT's ``adapter_config.json`` and ``VBLoRAConfig(peft_type=...)`` calls work.
+        peft_version: The PEFT version the format matches; filled in when omitted (see
+            :func:`peft_version`) and kept when read from a file.
     """
 
     r: int = 4
@@ -85,8 +129,21 @@ class VBLoRAConfig:
     base_model_name_or_path: str | None = None
     revision: str | None = None
     inference_mode: bool = field(default=False, compare=False)
+    peft_type: str = field(default=PEFT_TYPE, compare=False)
+    peft_version: str | None = field(default=None, compare=False)
+
+    # PEFT's class attributes: VB-LoRA is not a prompt-learning method.
+    is_prompt_learning = False
+    is_adaption_prompt = False
 
     def __post_init__(self) -> None:
+        for name in ("task_type", "peft_type"):
+            object.__setattr__(self, name, _plain(getattr(self, name)))
+        if str(self.peft_type).upper() != PEFT_TYPE:
+            raise ValueError(f"not a VB-LoRA config: peft_type is {self.peft_type!r}, expected {PEFT_TYPE!r}")
+        object.__setattr__(self, "peft_type", PEFT_TYPE)
+        if self.peft_version is None:
+            object.__setattr__(self, "peft_version", peft_version())
         for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
             object.__setattr__(self, name, _as_tuple(getattr(self, name)))
         if isinstance(self.layers_to_transform, Sequence):
@@ -106,11 +163,17 @@ class VBLoRAConfig:
                 raise ValueError(f"VBLoRAConfig: {name} must be true or false, got {getattr(self, name)!r}")
         for name in ("vblora_dropout", "init_vector_bank_bound", "init_logits_std"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"VBLoRAConfig: {name} must be a finite number, got {value!r}")
-        for name in ("task_type", "base_model_name_or_path", "revision"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
+                shown = "an integer too large for a float" if isinstance(value, int) else repr(value)
+                raise ValueError(f"VBLoRAConfig: {name} must be a finite number, got {shown}")
+        for name in ("task_type", "base_model_name_or_path", "revision", "peft_version"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ValueError(f"VBLoRAConfig: {name} must be a string, got {getattr(self, name)!r}")
+        if self.task_type is not None and self.task_type not in TASK_TYPES:  # PEFT's message
+            raise ValueError(
+                f"Invalid task type: '{self.task_type}'. Must be one of the following task types: "
+                f"{', '.join(TASK_TYPES)}."
+            )
         for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -154,7 +217,7 @@ class VBLoRAConfig:
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
         """The ``adapter_config.json`` content, with PEFT's keys (tuples become lists)."""
-        out: dict[str, Any] = {"peft_type": PEFT_TYPE}
+        out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value
@@ -178,6 +241,62 @@ class VBLoRAConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    # ------------------------------------------------------------------ PEFT's file methods
+    def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
+        """Write ``adapter_config.json`` into ``save_directory`` (created if missing), as PEFT's
+        ``PeftConfig.save_pretrained``; the file is replaced atomically. Extra ``kwargs`` (PEFT's
+        hub options) are refused: nothing is uploaded."""
+        if kwargs:
+            raise TypeError(
+                f"VBLoRAConfig.save_pretrained: unexpected arguments {sorted(kwargs)} (no hub uploads)"
+            )
+        folder = os.fspath(save_directory)
+        if os.path.isfile(folder):
+            raise ValueError(f"{folder}: is a file; save_pretrained needs a directory")
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".adapter_config.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(self.to_json())
+            os.replace(tmp, os.path.join(folder, CONFIG_FILE))
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike[str],
+        subfolder: str | None = None,
+        **kwargs: Any,
+    ) -> VBLoRAConfig:
+        """Read a local adapter directory's ``adapter_config.json`` (PEFT's ``from_pretrained``;
+        nothing is downloaded). ``kwargs`` are config fields that override the file's."""
+        folder = os.fspath(pretrained_model_name_or_path)
+        if subfolder:
+            folder = os.path.join(folder, subfolder)
+        path = os.path.join(folder, CONFIG_FILE)
+        if not os.path.isfile(path):
+            raise ValueError(f"{path}: no such file (vblora reads local directories only, never the hub)")
+        data = cls.from_json_file(path)
+        hub_only = {"cache_dir", "token", "force_download", "local_files_only"}
+        return cls.from_dict({**data, **{k: v for k, v in kwargs.items() if k not in hub_only}})
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str | os.PathLike[str]) -> dict[str, Any]:
+        """The dict in a JSON config file, as PEFT's ``from_json_file`` returns it (its
+        ``runtime_config`` entry dropped)."""
+        with open(path_json_file, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{os.fspath(path_json_file)}: not valid JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{os.fspath(path_json_file)}: expected a JSON object")
+        data.pop("runtime_config", None)
+        return data
 
     @classmethod
     def from_json(cls, text: str) -> VBLoRAConfig:

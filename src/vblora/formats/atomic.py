@@ -194,18 +194,24 @@ def remove_leftovers(folder: Path, target: Path) -> None:
 def _check_targets(files: dict[Path, bytes]) -> None:
     """Refuse bad targets before anything is written."""
     for path in files:
-        for part in path.parts:
-            if len(os.fsencode(part)) > 255:
-                raise ValueError(f"{path}: the name {part[:40]!r}... is longer than a file system allows")
-        try:
-            path.resolve()
-        except (RuntimeError, OSError) as err:  # RuntimeError: a symlink loop (Python < 3.13)
-            raise ValueError(f"{path}: cannot be resolved ({err}); a symbolic link loop?") from None
-        if path.is_dir():
-            raise ValueError(f"{path}: is a directory; name the file to write")
-        for folder in (path.parent, *path.parent.parents):
-            if folder.exists() and not folder.is_dir():
-                raise ValueError(f"{folder}: exists and is not a directory")
+        check_target(path)
+
+
+def check_target(path: Path) -> None:
+    """Refuse a file that cannot be written (ValueError): a name too long, a symbolic link loop, a
+    folder in its place, or a file where a folder above it should be."""
+    for part in path.parts:
+        if len(os.fsencode(part)) > 255:
+            raise ValueError(f"{path}: the name {part[:40]!r}... is longer than a file system allows")
+    try:
+        path.resolve()
+    except (RuntimeError, OSError) as err:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise ValueError(f"{path}: cannot be resolved ({err}); a symbolic link loop?") from None
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory; name the file to write")
+    for folder in (path.parent, *path.parent.parents):
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"{folder}: exists and is not a directory")
 
 
 def _make_folders(folder: Path, created: list[Path]) -> None:

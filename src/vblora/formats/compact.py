@@ -8,7 +8,6 @@ header.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -19,12 +18,13 @@ from torch import Tensor, nn
 from ..core.bank import Slot, build_layout
 from ..core.config import VBLoRAConfig
 from ..injection.plan import AdapterPlan
-from .contents import Loaded, Rows, assemble, check_aux, check_bank, topk_weights
+from .contents import FLOAT_DTYPES, Loaded, Rows, assemble, check_aux, check_bank, topk_weights
 from .peft_dir import AdapterExport, safetensors_bytes
 from .readers import BANK_KEY, PREFIX, config_from_json, read_safetensors, split_peft_keys
 
 COMPACT_FORMAT = "vblora-compact/1"
 COMPACT_ADAPTER_TENSORS = ("bank", "bank_scale", "topk_indices", "topk_weights")  # the rest: head, biases
+MAX_FEATURES = 2**31  # a layer size in a header beyond this is corrupt (and would not fit in memory)
 COMPACT_BANK_DTYPES = {  # save_compact's bank precisions, by name
     "float32": torch.float32,
     "float16": torch.float16,
@@ -108,14 +108,16 @@ def _check_compact_bank(plan: Loaded, tensors: dict[str, Tensor]) -> None:
     bank, scale = tensors.pop("bank", None), tensors.pop("bank_scale", None)
     h = plan.config.num_vectors
     problem = None
-    if bank is None or bank.dtype != torch.int8:
+    if bank is not None and bank.dtype not in COMPACT_BANK_DTYPES.values():
+        problem = f"bank: dtype {bank.dtype}; a compact bank is one of {', '.join(COMPACT_BANK_DTYPES)}"
+    elif bank is None or bank.dtype != torch.int8:
         if scale is not None:
             problem = "bank_scale: present, but the bank is not int8; the file is corrupt"
     elif scale is None:
         problem = "bank_scale: missing (an int8 bank needs one scale per vector)"
-    elif tuple(scale.shape) != (h,) or not scale.is_floating_point():
+    elif tuple(scale.shape) != (h,) or scale.dtype not in FLOAT_DTYPES:
         problem = f"bank_scale: shape {tuple(scale.shape)} {scale.dtype}, expected ({h},) float"
-    elif not torch.isfinite(scale).all() or (scale < 0).any():
+    elif not torch.isfinite(scale.float()).all() or (scale < 0).any():
         problem = "bank_scale: negative, NaN or inf scales; the file is corrupt"
     elif bank.dim() == 2 and bank.shape[0] == h:
         bank = bank.float() * scale.float()[:, None]
@@ -140,6 +142,10 @@ def _stored_layout(plan: Loaded, text: str | None) -> dict[str, Slot]:
         plan.add("header 'layout' is missing or malformed; the file is corrupt")
         return {}
     b = plan.config.vector_length
+    huge = [p for p, i, o in shapes if max(i, o) > MAX_FEATURES]
+    if huge:
+        plan.add(f"header layout: {huge[0]} has sizes above {MAX_FEATURES:,}; the file is corrupt")
+        return {}
     bad = [p for p, i, o in shapes if i <= 0 or o <= 0 or i % b or o % b]
     if bad:
         plan.add(f"header layout: {bad[0]} has sizes not divisible by vector_length {b}")
@@ -161,10 +167,11 @@ def _compact_selection(
     if bits != index_bits(h):
         plan.add(f"header index_bits={bits}, but num_vectors={h} needs {index_bits(h)}")
         return None
-    if packed.dtype != torch.uint8 or packed.numel() != math.ceil(count * k * bits / 8):
+    expected = -(-count * k * bits // 8)  # exact for any size (a float would overflow)
+    if packed.dtype != torch.uint8 or packed.numel() != expected:
         plan.add(
             f"topk_indices: {packed.numel()} {packed.dtype} bytes, expected "
-            f"{math.ceil(count * k * bits / 8)} uint8 for {count} sub-vectors; the file is corrupt"
+            f"{expected} uint8 for {count} sub-vectors; the file is corrupt"
         )
         return None
     if tuple(weights.shape) != (count, k - 1):

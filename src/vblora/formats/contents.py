@@ -24,6 +24,11 @@ from ..layers.wrapper import VBLoRALayer
 from .readers import BANK_KEY, FormatError
 
 Rows = Tensor | tuple[Tensor, Tensor]  # table rows: dense logits (n, h), or (n, k) indices and weights
+# The floating dtypes an adapter file may store (PEFT writes fp32, or bf16/fp16 for a half model);
+# float8 and complex tensors are refused. Values are checked for finiteness in the dtype the model
+# holds them in (the adapter's fp32, a head's own dtype): 1e300 in float64 is inf in float32.
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+INDEX_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 @dataclass
@@ -76,10 +81,13 @@ def check_bank(plan: Loaded, bank: Tensor | None) -> None:
             f"vector bank has shape {tuple(bank.shape)} but the config says num_vectors={h}, "
             f"vector_length={b} (expected {(h, b)}); the config and the weights come from different adapters"
         )
-    elif not bank.is_floating_point():
-        plan.add(f"vector bank has dtype {bank.dtype}; expected a floating-point tensor")
-    elif not torch.isfinite(bank).all():
-        plan.add("vector bank contains NaN or inf values; the checkpoint is corrupt")
+    elif bank.dtype not in FLOAT_DTYPES:
+        plan.add(f"vector bank has dtype {bank.dtype}; expected {dtype_names(FLOAT_DTYPES)}")
+    elif not torch.isfinite(bank.float()).all():
+        plan.add(
+            "vector bank contains NaN or inf values (in float32, the adapter's dtype); "
+            "the checkpoint is corrupt"
+        )
     else:
         plan.bank = bank
 
@@ -87,7 +95,7 @@ def check_bank(plan: Loaded, bank: Tensor | None) -> None:
 def check_full(plan: Loaded, name: str, logits: Tensor, lead: tuple[int, ...]) -> Tensor | None:
     """Full logits (*lead, h) as table rows (n, h), or None after recording the problem."""
     h = plan.config.num_vectors
-    if tuple(logits.shape) != (*lead, h) or not logits.is_floating_point():
+    if tuple(logits.shape) != (*lead, h) or logits.dtype not in FLOAT_DTYPES:
         plan.add(
             f"{name}: shape {tuple(logits.shape)} {logits.dtype}, but this model and config need "
             f"{(*lead, h)} floating point (num_vectors={h}); the checkpoint was saved for a different "
@@ -96,7 +104,10 @@ def check_full(plan: Loaded, name: str, logits: Tensor, lead: tuple[int, ...]) -
         return None
     rows = logits.reshape(-1, h).float()
     if torch.isnan(rows).any() or torch.isposinf(rows).any():
-        plan.add(f"{name}: contains NaN or +inf logits; the checkpoint is corrupt")
+        plan.add(f"{name}: contains NaN or +inf logits (in float32); the checkpoint is corrupt")
+        return None
+    if logits.dtype == torch.float64 and (torch.isinf(rows) != torch.isinf(logits.reshape(-1, h))).any():
+        plan.add(f"{name}: logits beyond the float32 range; the checkpoint is corrupt")
         return None
     if torch.isneginf(rows).all(dim=-1).any():
         plan.add(f"{name}: a sub-vector has only -inf logits; the checkpoint is corrupt")
@@ -109,11 +120,11 @@ def check_full(plan: Loaded, name: str, logits: Tensor, lead: tuple[int, ...]) -
 def topk_weights(plan: Loaded, name: str, indices: Tensor, partial: Tensor) -> Tensor | None:
     """All k weights (n, k) from valid indices (n, k) and k-1 stored weights (n, k-1), else None."""
     h, problems = plan.config.num_vectors, len(plan.problems)
-    if indices.dtype == torch.bool or indices.is_floating_point() or indices.is_complex():
-        plan.add(f"{name}topk_indices: dtype {indices.dtype}; expected an integer dtype")
+    if indices.dtype not in INDEX_DTYPES:
+        plan.add(f"{name}topk_indices: dtype {indices.dtype}; expected {dtype_names(INDEX_DTYPES)}")
         return None
-    if not partial.is_floating_point():
-        plan.add(f"{name}topk_weights: dtype {partial.dtype}; expected a floating-point dtype")
+    if partial.dtype not in FLOAT_DTYPES:
+        plan.add(f"{name}topk_weights: dtype {partial.dtype}; expected {dtype_names(FLOAT_DTYPES)}")
         return None
     indices, partial = indices.long(), partial.float()  # fp16/bf16 weights load too (PEFT's do not)
     if indices.numel() and (indices.min() < 0 or indices.max() >= h):
@@ -214,6 +225,8 @@ def assemble(plan: Loaded, rows: dict[str, Rows | None]) -> None:
                 f"{path}: stored in the checkpoint but not targeted by the config in this model "
                 "(no such module, or excluded); it was saved for a different base model"
             )
+    if plan.problems:  # the load is refused: allocate nothing (the plan may be absurdly large)
+        return
     total, h = max((s.end for s in plan.layout.values()), default=0), plan.config.num_vectors
     blocks = [(slot, rows.get(path)) for path, slot in plan.layout.items()]
     if all(isinstance(block, tuple) for _, block in blocks):
@@ -313,14 +326,38 @@ def check_aux(plan: Loaded, root: nn.Module, aux: dict[str, Tensor]) -> None:
         )
 
 
+def dtype_names(dtypes: tuple[torch.dtype, ...]) -> str:
+    return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+
+
 def _check_tensor(plan: Loaded, key: str, tensor: Tensor, like: Tensor) -> None:
+    """A stored tensor that replaces the model's ``like``: same shape, a dtype that can hold it, and
+    (floating) finite in ``like``'s dtype, or (integer, bool) values that ``like``'s dtype keeps."""
     if tensor.shape != like.shape:
         plan.add(
             f"{key}: shape {tuple(tensor.shape)}, but the model's tensor is {tuple(like.shape)}; "
             "the checkpoint was saved for a different base model"
         )
-    elif tensor.is_floating_point() and not torch.isfinite(tensor).all():
-        plan.add(f"{key}: contains NaN or inf; the checkpoint is corrupt")
+    elif like.is_floating_point():
+        if tensor.dtype not in FLOAT_DTYPES:
+            plan.add(
+                f"{key}: dtype {tensor.dtype}, but the model holds {like.dtype}; "
+                f"expected {dtype_names(FLOAT_DTYPES)}"
+            )
+        elif not torch.isfinite(tensor.to(like.dtype)).all():
+            plan.add(
+                f"{key}: contains NaN or inf (in {like.dtype}, the model's dtype); the checkpoint is corrupt"
+            )
+    elif tensor.dtype != like.dtype and (
+        tensor.is_floating_point()
+        or tensor.is_complex()
+        or (like.dtype == torch.bool) != (tensor.dtype == torch.bool)
+        or not torch.equal(tensor.to(like.dtype).to(tensor.dtype), tensor)
+    ):
+        plan.add(
+            f"{key}: dtype {tensor.dtype} cannot hold the model's {like.dtype} values; "
+            "the checkpoint is corrupt"
+        )
 
 
 def _check_copy(plan: Loaded, path: str, reference: dict[str, Tensor]) -> None:

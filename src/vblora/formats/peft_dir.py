@@ -9,6 +9,8 @@ adapter into ``<dir>/<name>/``, as PEFT does.
 from __future__ import annotations
 
 import dataclasses
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,9 +23,11 @@ from ..core.config import VBLoRAConfig
 from ..distributed import full_tensor
 from ..injection.plan import AdapterPlan
 from ..layers.save import ModulesToSaveWrapper
-from .atomic import write_files
+from .atomic import check_target, write_files
 from .contents import Loaded, assemble, check_aux, check_bank, module_rows
 from .readers import BANK_KEY, CONFIG_NAME, PREFIX, WEIGHTS_NAME, index_dtype, split_peft_keys
+
+MODEL_CARD = "README.md"
 
 
 @dataclass
@@ -43,10 +47,17 @@ def export_adapter(
     bank: AdapterBank,
     biases: dict[str, Tensor],
     fan_in_fan_out: bool,
+    save_embedding_layers: bool | str = "auto",
     **changes: Any,
 ) -> AdapterExport:
     """Gather adapter ``name``: its ``modules_to_save`` copies (found under ``root``) and its trained
-    ``biases``, full tensors (a sharded one is gathered, so every rank must call this)."""
+    ``biases``, full tensors (a sharded one is gathered, so every rank must call this).
+
+    As PEFT writes it: ``target_modules`` given as None is saved as the adapted modules' names,
+    ``"all-linear"`` as their full paths, ``base_model_name_or_path`` (when not set) as the model's
+    ``name_or_path``, and an adapted ``lm_head``/``embed_tokens`` also saves its base weight
+    (PEFT's ``save_embedding_layers="auto"``, with its warning; ``False`` leaves it out).
+    """
     aux: dict[str, Tensor] = {}
     for path, module in root.named_modules():
         if isinstance(module, ModulesToSaveWrapper) and name in module.modules_to_save:
@@ -56,6 +67,24 @@ def export_adapter(
                 )  # PEFT drops the "modules_to_save.<name>" infix
     for key, tensor in biases.items():
         aux[PREFIX + key] = full_tensor(tensor)
+    embeddings = [p for p in bank.layout if re.search(r"(^|\.)(embed_tokens|lm_head)$", p)]
+    if embeddings and save_embedding_layers:
+        if save_embedding_layers == "auto":
+            warnings.warn(
+                "Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.",
+                stacklevel=4,
+            )
+        for path in embeddings:
+            weight = getattr(root.get_submodule(path), "weight", None)
+            if weight is not None:
+                aux[f"{PREFIX}{path}.base_layer.weight"] = full_tensor(weight)
+    if config.target_modules is None:  # PEFT: the model type's default names
+        changes.setdefault("target_modules", sorted({p.rsplit(".", 1)[-1] for p in bank.layout}))
+    elif config.target_modules == "all-linear":  # PEFT: the adapted modules' full paths
+        changes.setdefault("target_modules", sorted(bank.layout))
+    name_or_path = getattr(root, "name_or_path", None)
+    if config.base_model_name_or_path is None and isinstance(name_or_path, str) and name_or_path:
+        changes.setdefault("base_model_name_or_path", name_or_path)
     # PEFT records Conv1D targets as fan_in_fan_out=True
     saved = dataclasses.replace(config, fan_in_fan_out=fan_in_fan_out, inference_mode=True, **changes)
     return AdapterExport(name, saved, bank, aux)
@@ -96,20 +125,45 @@ def safetensors_bytes(tensors: dict[str, Tensor], metadata: dict[str, str]) -> b
     return save(owned, metadata={"format": "pt", **metadata})
 
 
+def adapter_tensors(export: AdapterExport) -> dict[str, Tensor]:
+    """Every tensor of one adapter under PEFT's keys (PEFT's ``get_peft_model_state_dict``)."""
+    return {**vblora_tensors(export.bank, export.config.save_only_topk_weights), **export.aux}
+
+
+def model_card(exports: list[AdapterExport]) -> bytes:
+    """A minimal ``README.md`` in the shape of PEFT's model card (the hub and vLLM read its header)."""
+    bases = sorted({e.config.base_model_name_or_path for e in exports if e.config.base_model_name_or_path})
+    header = ["---", "library_name: peft"]
+    if bases:
+        header.append(f"base_model: {bases[0]}")
+    header += ["tags:", *[f"- base_model:adapter:{b}" for b in bases], "- vblora", "---", ""]
+    names = ", ".join(e.name for e in exports)
+    body = [
+        "# VB-LoRA adapter",
+        "",
+        f"Adapters: {names}. Written by vblora in PEFT's VBLORA format: load it with",
+        "`peft.PeftModel.from_pretrained(base, path)` or `vblora.VBLoRAModel.from_pretrained(base, path)`.",
+        "",
+    ]
+    return "\n".join(header + body).encode("utf-8")
+
+
 def directory_files(root: Path, exports: list[AdapterExport]) -> dict[Path, bytes]:
-    """The files of adapter directories under ``root``: ``default`` at the top, others in ``<name>/``."""
+    """The files of adapter directories under ``root``: ``default`` at the top, others in ``<name>/``;
+    a ``README.md`` model card at the top unless one exists (PEFT updates its own card there)."""
     files: dict[Path, bytes] = {}
     for export in exports:
-        topk = export.config.save_only_topk_weights
-        tensors = {**vblora_tensors(export.bank, topk), **export.aux}
         folder = root if export.name == "default" else root / export.name
         files[folder / CONFIG_NAME] = export.config.to_json().encode("utf-8")
-        files[folder / WEIGHTS_NAME] = safetensors_bytes(tensors, {})
+        files[folder / WEIGHTS_NAME] = safetensors_bytes(adapter_tensors(export), {})
+    if exports and not (root / MODEL_CARD).exists():
+        files[root / MODEL_CARD] = model_card(exports)
     return files
 
 
 def write_directories(root: Path, exports: list[AdapterExport], write: bool = True) -> None:
     """Serialise every adapter, then (``write``: this rank writes) publish all files at once."""
+    check_target(root / CONFIG_NAME)  # a name too long or a link loop: a ValueError, first
     files = directory_files(root, exports)
     if write:
         write_files(files)

@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -24,6 +28,7 @@ LOGIT_KEYS = {
     for suffix, kind in (("", "full"), ("_topk_indices", "indices"), ("_topk_weights", "weights"))
 }
 
+MAX_CONFIG_BYTES = 16 * 2**20  # an adapter config is a few KB; a larger one is refused unread
 StrPath = str | PathLike[str]
 
 
@@ -31,28 +36,62 @@ class FormatError(ValueError):
     """An adapter file or folder that cannot be read, or does not fit the model it is loaded into."""
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """All tensors and the metadata of a safetensors file; a damaged file is a :class:`FormatError`."""
-    from safetensors import SafetensorError, safe_open
-
+@contextlib.contextmanager
+def open_regular(path: Path) -> Iterator[int]:
+    """A read-only descriptor of ``path`` if it is a regular file (a FIFO or a device would block or
+    never end); FormatError otherwise. Opened without blocking, then checked, so nothing waits."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (not a dict)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise FormatError(f"{path}: no such file") from None
-    except (SafetensorError, OSError) as err:
-        raise FormatError(
-            f"{path}: not a readable safetensors file ({err}); it is truncated or corrupt. "
-            "Save the adapter again, or restore the file from a backup"
-        ) from None
+    except OSError as err:
+        raise FormatError(f"{path}: cannot be opened ({err.strerror})") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise FormatError(f"{path}: not a regular file (a folder, FIFO or device); adapters are files")
+        os.set_blocking(fd, True)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def read_text(path: Path, limit: int = MAX_CONFIG_BYTES) -> str:
+    """A small UTF-8 text file, read only up to ``limit`` bytes: a larger one is refused unread."""
+    with open_regular(path) as fd:
+        size = os.fstat(fd).st_size
+        data = b"" if size > limit else os.read(fd, limit + 1)
+    if size > limit or len(data) > limit:
+        raise FormatError(f"{path}: {size:,} bytes, more than an adapter config can be ({limit:,})")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise FormatError(f"{path}: not UTF-8 JSON ({err})") from None
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """All tensors and the metadata of a safetensors file; a damaged file is a :class:`FormatError`.
+
+    Only a regular file is opened (read through the descriptor checked, where /proc allows)."""
+    from safetensors import SafetensorError, safe_open
+
+    with open_regular(path) as fd:
+        source = f"/proc/self/fd/{fd}" if os.path.exists(f"/proc/self/fd/{fd}") else str(path)
+        try:
+            with safe_open(source, framework="pt") as f:
+                metadata = f.metadata() or {}
+                tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (not a dict)
+        except (SafetensorError, OSError, ValueError, OverflowError, MemoryError) as err:
+            raise FormatError(
+                f"{path}: not a readable safetensors file ({err}); it is truncated or corrupt. "
+                "Save the adapter again, or restore the file from a backup"
+            ) from None
     return tensors, metadata
 
 
 def config_from_json(text: str, source: str) -> VBLoRAConfig:
     try:
         return VBLoRAConfig.from_json(text)
-    except (TypeError, ValueError, RecursionError) as err:  # RecursionError: absurdly nested JSON
+    except (TypeError, ValueError, RecursionError, OverflowError) as err:  # Recursion: absurd nesting
         raise FormatError(f"{source}: not a valid VB-LoRA adapter config: {err}") from None
 
 
@@ -73,11 +112,7 @@ def read_directory(path: StrPath) -> tuple[VBLoRAConfig, dict[str, Tensor], Path
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
         raise FormatError(f"{folder}: no {CONFIG_NAME}; is this an adapter directory?")
-    try:
-        text = config_path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise FormatError(f"{config_path}: not UTF-8 JSON ({err})") from None
-    config = config_from_json(text, str(config_path))
+    config = config_from_json(read_text(config_path), str(config_path))
     tensors, _ = read_safetensors(weights)
     return config, tensors, folder
 

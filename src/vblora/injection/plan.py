@@ -8,6 +8,7 @@ shapes, divisibility, save paths and conflicts are checked once, in one place, w
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 
@@ -165,7 +166,34 @@ def plan_adapter(
         shapes.append((path, in_features, out_features))
     plan.targets = [path for path, _, _ in shapes]
     plan.layout = build_layout(shapes, config.r, config.vector_length)
+    problem = size_problem(plan)
+    if problem:
+        plan.add_problem(problem)
     return plan
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory (2**62 where it cannot be read)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 2**62
+
+
+def size_problem(plan: AdapterPlan) -> str | None:
+    """Why the adapter's tensors cannot be allocated: the (P, h) fp32 logits table and (h, b) bank
+    are larger than this machine's memory. Checked before anything is allocated."""
+    c = plan.config
+    rows = max((s.end for s in plan.layout.values()), default=0)
+    needed = 4 * (rows * c.num_vectors + c.num_vectors * c.vector_length)
+    available = memory_bytes()
+    if needed <= available:
+        return None
+    return (
+        f"the adapter needs a {rows:,} x {c.num_vectors:,} logits table and a {c.num_vectors:,} x "
+        f"{c.vector_length:,} bank, {needed / 2**30:,.1f} GiB in float32, more than this machine's "
+        f"memory ({available / 2**30:,.1f} GiB); choose a smaller r or num_vectors"
+    )
 
 
 def warn_untrained_head(root: nn.Module, plan: AdapterPlan, stacklevel: int) -> None:

@@ -193,8 +193,16 @@ class RunSettings:
             if value is not None and value < 1:
                 raise RunError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         for name in ("logits_lr", "bank_lr", "head_lr", "weight_decay", "max_grad_norm"):
-            if getattr(self, name) < 0:
-                raise RunError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):  # NaN fails both
+                raise RunError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+        for name in ("dropout", "init_logits_std", "init_bank_bound", "warmup_ratio", "test_size"):
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise RunError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+        for name in ("seed", "split_seed"):
+            if not 0 <= getattr(self, name) < 2**63:
+                raise RunError(f"--{name.replace('_', '-')} must be in [0, 2**63), got {getattr(self, name)}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise RunError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.quantize is not None and self.quantize not in QUANTIZE:
