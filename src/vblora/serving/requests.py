@@ -152,6 +152,9 @@ def parse(body: Any, *, chat: bool, max_tokens: int, max_n: int) -> Parsed:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise BadRequest("'stream_options' must be an object", "stream_options")
+    ignore_eos = body.get("ignore_eos", False)  # vLLM's extension
+    if not isinstance(ignore_eos, bool):
+        raise BadRequest("'ignore_eos' must be true or false", "ignore_eos")
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise BadRequest(f"'seed' must be an integer, got {seed!r}", "seed")
@@ -162,5 +165,6 @@ def parse(body: Any, *, chat: bool, max_tokens: int, max_n: int) -> Parsed:
         stop=_stops(body),
         seed=seed,
         n=_int(body, "n", 1, 1, max_n) or 1,
+        ignore_eos=ignore_eos,
     )
     return Parsed(model, prompts, params, stream, bool(options.get("include_usage")), given is not None)
