@@ -17,11 +17,13 @@ import torch
 from ..core.config import VBLoRAConfig
 from ..formats import compact
 from ..formats.atomic import existing_ancestor
+from ..formats.contents import check_alone
 from ..formats.readers import BANK_KEY, WEIGHTS_NAME, FormatError, read_directory, split_peft_keys
 from ..training.loop import RunError
 from ..training.runs import ADAPTER_DIR
 
 STORED_AS = {True: "top-k indices and weights (inference only)", False: "full logits (trainable)"}
+MAX_GRID = 4096  # bank vectors whose counts are printed one by one; beyond, the summary only
 COMPACT_STORED_AS = "compact file: bit-packed top-k indices, fp16 weights, {} bank (inference only)"
 
 
@@ -55,29 +57,29 @@ class AdapterSummary:
 
 
 def read_adapter(folder: pathlib.Path) -> AdapterSummary:
-    """Read ``adapter_config.json`` and ``adapter_model.safetensors`` of one adapter folder.
+    """Read ``adapter_config.json`` and ``adapter_model.safetensors`` of one adapter folder, checked
+    as a load checks them (shapes, dtypes, finite values, indices in range), with no base model.
 
     Raises:
-        FormatError: the folder or its files are missing or are not a VB-LoRA adapter.
+        FormatError: the folder or its files are missing, are not a VB-LoRA adapter, or are corrupt.
     """
     config, tensors, _ = read_directory(folder)
     keys = split_peft_keys(tensors)
     if keys.bank is None:
         raise FormatError(f"{folder / WEIGHTS_NAME}: no {BANK_KEY} tensor; not a VB-LoRA adapter")
-    counts, chosen = _subvectors(keys.modules, config.topk)
+    checked, chosen = check_alone(config, keys)
+    checked.fail_if_problems(folder, None)
     vblora = [keys.bank, *(t for parts in keys.modules.values() for t in parts.values())]
     other = [*keys.other.values(), *(tensors[k] for k in keys.unexpected)]
     return AdapterSummary(
         path=folder,
         config=config,
-        subvectors=counts,
+        subvectors={p: {"A": slot.a_rows, "B": slot.b_rows} for p, slot in checked.layout.items()},
         bank_shape=(keys.bank.shape[0], keys.bank.shape[1]),
         stored_vblora=_size(vblora),
         stored_other=_size(other),
         file_bytes=(folder / WEIGHTS_NAME).stat().st_size,
-        selection=torch.bincount(torch.cat(chosen), minlength=keys.bank.shape[0])
-        if chosen
-        else torch.zeros(0),
+        selection=torch.bincount(chosen.reshape(-1), minlength=keys.bank.shape[0]),
         topk_only=any(kind == "indices" for parts in keys.modules.values() for _, kind in parts),
     )
 
@@ -112,25 +114,6 @@ def read_compact(path: pathlib.Path) -> AdapterSummary:
         topk_only=True,
         stored_as=COMPACT_STORED_AS.format(str(contents.stored_bank_dtype).removeprefix("torch.")),
     )
-
-
-def _subvectors(
-    modules: dict[str, dict[tuple[str, str], torch.Tensor]], k: int
-) -> tuple[dict[str, dict[str, int]], list[torch.Tensor]]:
-    """Per module, its A and B sub-vector counts; and the bank indices every sub-vector selects."""
-    counts: dict[str, dict[str, int]] = {}
-    chosen: list[torch.Tensor] = []
-    for module, parts in modules.items():
-        for (factor, kind), tensor in parts.items():
-            if kind == "weights":
-                continue
-            if kind == "indices":
-                indices = tensor.long().reshape(-1, tensor.shape[-1])
-            else:
-                indices = tensor.float().reshape(-1, tensor.shape[-1]).topk(k, dim=-1).indices
-            counts.setdefault(module, {"A": 0, "B": 0})[factor] = indices.shape[0]
-            chosen.append(indices.reshape(-1))
-    return counts, chosen
 
 
 def _natural(path: str) -> list[int | str]:
@@ -188,7 +171,9 @@ def selection_report(selection: torch.Tensor, k: int, per_line: int = 8) -> list
         f"{used}/{len(counts)} vectors used; "
         f"min {ordered[0]}, median {ordered[len(ordered) // 2]}, max {ordered[-1]}):",
     ]
-    for start in range(0, len(counts), per_line):
+    if len(counts) > MAX_GRID:
+        lines.append(f"  (a grid of {len(counts):,} counts is not printed; --plot draws them)")
+    for start in range(0, len(counts) if len(counts) <= MAX_GRID else 0, per_line):
         cells = [f"{i:>4}:{counts[i]:>6}" for i in range(start, min(start + per_line, len(counts)))]
         lines.append("  " + "  ".join(cells))
     top = sorted(range(len(counts)), key=lambda i: -counts[i])[:5]

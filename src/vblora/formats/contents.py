@@ -16,12 +16,12 @@ import torch
 from torch import Tensor, nn
 
 from ..core import functional as VF
-from ..core.bank import Slot
+from ..core.bank import Slot, build_layout
 from ..core.config import VBLoRAConfig
 from ..injection.plan import AdapterPlan, Problem, problem_listing, unwrapped
 from ..layers.save import ModulesToSaveWrapper
 from ..layers.wrapper import VBLoRALayer
-from .readers import BANK_KEY, FormatError
+from .readers import BANK_KEY, FormatError, PeftKeys
 
 Rows = Tensor | tuple[Tensor, Tensor]  # table rows: dense logits (n, h), or (n, k) indices and weights
 # The floating dtypes an adapter file may store (PEFT writes fp32, or bf16/fp16 for a half model);
@@ -242,6 +242,42 @@ def assemble(plan: Loaded, rows: dict[str, Rows | None]) -> None:
         if block is not None:
             table[slot.a_offset : slot.end] = dense_rows(block, h)
     plan.logits = table
+
+
+# ---------------------------------------------------------------------------- a directory without a model
+def stored_shapes(plan: Loaded, path: str, parts: dict[tuple[str, str], Tensor]) -> tuple[int, int] | None:
+    """A module's (in, out) features read from its stored tensors: A is (r, in/b, h or k), B is
+    (out/b, r, h or k); None after recording why they fit no layer of this config."""
+    c = plan.config
+    a = parts.get(("A", "full"), parts.get(("A", "indices")))
+    b = parts.get(("B", "full"), parts.get(("B", "indices")))
+    if a is None or b is None or a.dim() != 3 or b.dim() != 3 or a.shape[0] != c.r or b.shape[1] != c.r:
+        shapes = {f"{f}_{kind}": tuple(t.shape) for (f, kind), t in parts.items()}
+        plan.add(
+            f"{path}: stored shapes {shapes} fit no layer with r={c.r} (A: (r, in/b, ...), "
+            "B: (out/b, r, ...)); the checkpoint is corrupt or its config is not its own"
+        )
+        return None
+    return a.shape[1] * c.vector_length, b.shape[0] * c.vector_length
+
+
+def check_alone(config: VBLoRAConfig, keys: PeftKeys) -> tuple[Loaded, Tensor]:
+    """Check a PEFT-format adapter against its own config, no model needed (``vblora inspect``):
+    the bank and every module's tensors, with the checks of a load. Returns the checks (their
+    ``problems``) and the (P, k) bank indices every stored sub-vector selects (the selection rule
+    of :func:`~vblora.core.functional.select_topk` for full logits)."""
+    plan = Loaded(AdapterPlan("", config))
+    check_bank(plan, keys.bank)
+    shapes = {path: stored_shapes(plan, path, parts) for path, parts in keys.modules.items()}
+    fitting = [(path, *shape) for path, shape in shapes.items() if shape is not None]
+    plan.plan.layout = build_layout(fitting, config.r, config.vector_length)
+    chosen = []
+    for path, *_ in fitting:
+        rows = module_rows(plan, path, keys.modules[path])
+        if rows is not None:
+            chosen.append(rows[0] if isinstance(rows, tuple) else VF.select_topk(rows, config.topk)[1])
+    indices = torch.cat(chosen) if chosen else torch.zeros(0, config.topk, dtype=torch.long)
+    return plan, indices
 
 
 # ---------------------------------------------------------------------------- modules_to_save and biases

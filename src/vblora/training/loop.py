@@ -195,7 +195,7 @@ class RunSettings:
         for name in ("logits_lr", "bank_lr", "head_lr", "weight_decay", "max_grad_norm"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):  # NaN fails both
-                raise RunError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+                raise RunError(f"--{name.replace('_', '-')} must be >= 0 and finite, got {value}")
         for name in ("dropout", "init_logits_std", "init_bank_bound", "warmup_ratio", "test_size"):
             value = getattr(self, name)
             if isinstance(value, float) and not math.isfinite(value):
