@@ -10,6 +10,7 @@ plain references to them. Each forward pass composes the banks it uses once (cac
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -21,7 +22,14 @@ from .checkpoints import CheckpointMethods
 from .core.adapters import AdapterSet
 from .core.bank import AdapterBank
 from .core.config import VBLoRAConfig
-from .core.routing import RowRouting, current_routing, generate_repeat, routed, routing_for
+from .core.routing import (
+    RowRouting,
+    current_routing,
+    generate_repeat,
+    mixed_batch_problem,
+    routed,
+    routing_for,
+)
 from .formats.readers import index_dtype
 from .injection.apply import eject, inject, save_wrappers, trained_biases, unwrap_all, vblora_layers
 from .injection.plan import AdapterPlan, plan_adapter, warn_flipped, warn_untrained_head
@@ -61,6 +69,9 @@ class VBLoRAModel(CheckpointMethods, BaseModelMethods, nn.Module):
         self.vblora_banks = nn.ModuleDict()
         self.adapters = AdapterSet(self.vblora_banks)
         self._disabled = False  # inside disable_adapter()
+        # Mixed-adapter batches route rows by position: None trusts the known batch-major model
+        # types only (routing.BATCH_MAJOR_MODEL_TYPES); True declares this model batch-major.
+        self.batch_major: bool | None = None
         self.add_adapter(adapter_name, config, initialise=initialise, trainable=trainable)
         for p in model.parameters():  # after add_adapter: a refused config leaves the model as it was
             p.requires_grad_(False)
@@ -99,6 +110,9 @@ class VBLoRAModel(CheckpointMethods, BaseModelMethods, nn.Module):
         """The rows of a mixed-adapter batch, after refusing what cannot be routed by row."""
         device = next(iter(self.vblora_banks.values())).bank.device
         routing = routing_for(names, args, kwargs, list(self.peft_config), device, repeat)
+        problem = mixed_batch_problem(self.model, self.batch_major)
+        if problem:
+            raise ValueError(f"adapter_names cannot route this model's rows: {problem}")
         if self.merged_adapters:
             raise ValueError("adapter_names needs unmerged adapters; call unmerge_adapter() first")
         if self._disabled:
@@ -160,13 +174,23 @@ class VBLoRAModel(CheckpointMethods, BaseModelMethods, nn.Module):
         return active[0] if len(active) == 1 else list(active)
 
     def add_adapter(
-        self, adapter_name: str, config: VBLoRAConfig, *, initialise: bool = True, trainable: bool = True
+        self,
+        adapter_name: str,
+        config: VBLoRAConfig,
+        *,
+        initialise: bool = True,
+        trainable: bool = True,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
     ) -> None:
         """Inject a new adapter (inactive until :meth:`set_adapter`, unless no adapter is active).
 
         ``initialise=False`` leaves its bank and logits uninitialised, for a loader that overwrites
         them (initialising a Llama-2-7B-shaped table costs more than loading it).
         ``trainable=False`` keeps the adapter frozen when it is active (an inference load).
+        ``autocast_adapter_dtype`` (PEFT's): True keeps the adapter in fp32 over a half-precision
+        base; False gives it the dtype of the first adapted layer's weight, as PEFT does.
+        ``low_cpu_mem_usage`` (PEFT's) is accepted; it changes nothing here (loads never initialise).
 
         Raises:
             ValueError: the name exists, a second adapter trains biases, no module matched, or a
@@ -178,6 +202,13 @@ class VBLoRAModel(CheckpointMethods, BaseModelMethods, nn.Module):
             warn_untrained_head(self.model, plan, stacklevel=3)
         warn_flipped(plan, stacklevel=3)
         self._inject(plan, initialise, trainable)
+        weight = getattr(self.model.get_submodule(plan.targets[0]), "weight", None)
+        if (
+            not autocast_adapter_dtype
+            and weight is not None
+            and weight.dtype in (torch.float16, torch.bfloat16)
+        ):
+            self.vblora_banks[adapter_name].to(weight.dtype)
 
     def _inject(self, plan: AdapterPlan, initialise: bool, trainable: bool) -> None:
         weight = next(self.model.get_submodule(plan.targets[0]).parameters(), None)
@@ -351,11 +382,34 @@ class VBLoRAModel(CheckpointMethods, BaseModelMethods, nn.Module):
         self.merge_adapter(adapter_names, safe_merge=safe_merge, requantize=requantize)
         return self._unwrap(keep_trained_copies=True)
 
-    def unload(self) -> nn.Module:
-        """Remove the adapters without merging and return the plain base model."""
-        if self.merged_adapters:
+    def unload(self, *, keep_merged: bool = False, keep_trained_copies: bool = False) -> nn.Module:
+        """Remove the adapters and return the base model as it was before them: merged adapters
+        are unmerged and ``modules_to_save`` modules are their originals.
+
+        PEFT's ``unload()`` keeps both (the merged weights and the active adapter's trained head);
+        ``keep_merged=True, keep_trained_copies=True`` gives its result (``vblora.peft.PeftModel``
+        does so by default). Where the two results differ, a warning says so.
+        """
+        merged = self.merged_adapters
+        copies = [w for w in save_wrappers(self.model) if w.active_adapter is not None]
+        differs = [
+            what
+            for what, kept, present in (
+                ("merged adapters are unmerged", keep_merged, merged),
+                ("modules_to_save return to their originals", keep_trained_copies, copies),
+            )
+            if present and not kept
+        ]
+        if differs:
+            warnings.warn(
+                f"unload(): {' and '.join(differs)}, so the model is the one before the adapters; "
+                "PEFT's unload() keeps them (unload(keep_merged=True, keep_trained_copies=True) "
+                "does the same; merge_and_unload() keeps the fine-tune)",
+                stacklevel=2,
+            )
+        if merged and not keep_merged:
             self.unmerge_adapter()
-        return self._unwrap(keep_trained_copies=False)
+        return self._unwrap(keep_trained_copies=keep_trained_copies)
 
     def _unwrap(self, keep_trained_copies: bool) -> nn.Module:
         unwrap_all(self.model, keep_trained_copies)

@@ -175,8 +175,28 @@ def test_mixed_batch_refuses_what_it_cannot_route_by_row() -> None:
     cfg = VBLoRAConfig(num_vectors=8, vector_length=8, target_modules=["proj"])
     seq_first = get_vblora_model(SequenceFirst(), cfg, "a")
     seq_first.add_adapter("b", cfg)
+    for ids in (torch.randint(0, 64, (2, 5)), torch.randint(0, 64, (2, 2))):  # 2 x 2: equal sizes
+        with pytest.raises(ValueError, match=r"model type None is not one known to be batch-major"):
+            seq_first(ids, adapter_names=["a", "b"])
+    seq_first.batch_major = True  # the user's word: then the shape check still refuses what it can
     with pytest.raises(ValueError, match=r"proj saw an input of 5 rows, not the batch's 2.*batch-major"):
         seq_first(torch.randint(0, 64, (2, 5)), adapter_names=["a", "b"])
+
+    class TorchSequenceFirst(nn.Module):  # torch's own layer marks itself batch_first=False
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(64, 16)
+            self.layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=16, dropout=0.0)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.layer(self.emb(ids).transpose(0, 1)).transpose(0, 1)
+
+    torch_cfg = VBLoRAConfig(num_vectors=8, vector_length=8, target_modules=["linear1", "linear2"])
+    torch_seq_first = get_vblora_model(TorchSequenceFirst(), torch_cfg, "a")
+    torch_seq_first.add_adapter("b", torch_cfg)
+    torch_seq_first.batch_major = True  # even declared: its sequence-first layer is refused
+    with pytest.raises(ValueError, match=r"layer.self_attn is sequence-first"):
+        torch_seq_first(torch.randint(0, 64, (2, 2)), adapter_names=["a", "b"])
 
     model = llama_with_adapters()
     inputs = model_inputs("llama", batch=2)

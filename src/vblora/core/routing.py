@@ -77,6 +77,45 @@ class RowRouting:
         return self._expanded[name]
 
 
+# transformers model types whose adapted layers all see (batch, ...) inputs: dense decoders and
+# encoders that never transpose the batch away (no mixture-of-experts, no sequence-first layers).
+# llama, bert, gpt2 and t5 are tested row by row in tests/core/test_routing.py.
+BATCH_MAJOR_MODEL_TYPES = frozenset(
+    {
+        "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3", "gpt2", "gpt_neox",
+        "gptj", "opt", "falcon", "bloom", "bert", "roberta", "xlm-roberta", "distilbert", "electra",
+        "t5", "mt5", "bart", "mbart",
+    }
+)  # fmt: skip
+
+
+def mixed_batch_problem(root: torch.nn.Module, batch_major: bool | None) -> str | None:
+    """Why ``root`` cannot run a mixed-adapter batch, or None.
+
+    Rows are told apart by position along the first dimension of each adapted layer's input, and
+    a shape alone cannot tell a batch from a sequence of equal length. So a model is routed only
+    when it is known to be batch-major: a transformers ``model_type`` of
+    :data:`BATCH_MAJOR_MODEL_TYPES`, or ``batch_major=True`` declared by the user; and never when
+    it holds a module marked ``batch_first=False`` (torch's Transformer layers, attention, RNNs).
+    ``batch_major=False`` refuses any model.
+    """
+    model_type = getattr(getattr(root, "config", None), "model_type", None)
+    if batch_major is False:
+        return "this model is declared not batch-major (batch_major=False)"
+    if batch_major is None and model_type in BATCH_MAJOR_MODEL_TYPES:
+        return None
+    seq_first = next((n for n, m in root.named_modules() if getattr(m, "batch_first", None) is False), None)
+    if seq_first is not None:
+        return f"{seq_first} is sequence-first (batch_first=False): its inputs are (seq, batch, ...)"
+    if batch_major is None:
+        return (
+            f"model type {model_type!r} is not one known to be batch-major "
+            f"({', '.join(sorted(BATCH_MAJOR_MODEL_TYPES))}); if every adapted layer of this model "
+            "sees (batch, ...) inputs, declare it with model.batch_major = True"
+        )
+    return None
+
+
 def mixed_delta(result: Tensor, x: Tensor, rows: Tensor, delta_fn: object) -> Tensor:
     """Add ``delta_fn(x[rows])`` to ``result[rows]`` (out of place, autograd-safe)."""
     part = delta_fn(x.index_select(0, rows))  # type: ignore[operator]
