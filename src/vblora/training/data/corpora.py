@@ -198,9 +198,10 @@ def _read_jsonl(path: pathlib.Path) -> list[tuple[int, dict[str, Any]]]:
                 continue
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError as err:
+            except (ValueError, RecursionError) as err:  # also a 5,000-digit number, absurd nesting
+                why = err.msg if isinstance(err, json.JSONDecodeError) else str(err).split(";")[0]
                 raise DataError(
-                    f"{path}:{line_no}: not valid JSON ({err.msg}); write one object per line"
+                    f"{path}:{line_no}: not valid JSON ({why}); write one object per line"
                 ) from None
             if not isinstance(obj, dict):
                 raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
