@@ -154,6 +154,37 @@ def adapter_delta(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return F.linear(F.linear(x, a), b)
 
 
+def stack_factors(factors: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """The (A (r, in), B (out, r)) of m adapters as :func:`gathered_delta` takes them: A (m + 1, r, in)
+    and B^T (m + 1, r, out), ranks padded to the largest with zero rows (which add nothing), and a
+    last all-zero slot for rows of no adapter."""
+    r = max(a.shape[0] for a, _ in factors)
+    a0, b0 = factors[0]
+    a = [F.pad(a, (0, 0, 0, r - a.shape[0])) for a, _ in factors] + [a0.new_zeros(r, a0.shape[1])]
+    bt = [F.pad(b.T, (0, 0, 0, r - b.shape[1])) for _, b in factors] + [b0.new_zeros(r, b0.shape[0])]
+    return torch.stack(a), torch.stack(bt)
+
+
+def gathered_delta(x: Tensor, a: Tensor, bt: Tensor, index: Tensor) -> Tensor:
+    """Every row's adapter branch ``B_i (A_i x)`` in two batched matmuls, whatever the number of
+    adapters (Punica's BGMV/SGMV idea in plain torch): the rows' factors are gathered once, not one
+    ``index_select`` + two matmuls + ``index_add`` per adapter.
+
+    Args:
+        x: (N, ..., in) inputs, row n through adapter ``index[n]``.
+        a: (m, r, in) the A of each adapter of the batch.
+        bt: (m, r, out) the transposed B of each adapter.
+        index: (N,) long, each row's adapter; rows without one point at an all-zero slot.
+
+    Returns:
+        (N, ..., out) in the factors' dtype.
+    """
+    n = x.shape[0]
+    x3 = x.reshape(n, -1, x.shape[-1])  # (N, L, in)
+    h = torch.bmm(x3, a.index_select(0, index).transpose(1, 2))  # (N, L, r)
+    return torch.bmm(h, bt.index_select(0, index)).reshape(*x.shape[:-1], bt.shape[-1])
+
+
 def linear_with_adapter(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor) -> Tensor:
     """``F.linear(x, weight, bias) + B (A x)`` with the adapter fused into the base matmul.
 

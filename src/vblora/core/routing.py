@@ -38,6 +38,7 @@ class RowRouting:
     rows: dict[str, Tensor]
     repeat: int = 1
     _expanded: dict[str, Tensor] = field(default_factory=dict)
+    _index: dict[tuple[tuple[str, ...], int], Tensor] = field(default_factory=dict)
 
     @classmethod
     def from_names(cls, names: Sequence[str], device: torch.device, repeat: int = 1) -> RowRouting:
@@ -75,6 +76,21 @@ class RowRouting:
             m = self.repeat
             self._expanded[name] = (idx[:, None] * m + torch.arange(m, device=idx.device)).reshape(-1)
         return self._expanded[name]
+
+    def adapter_index(self, names: Sequence[str], n: int, where: str = "a layer") -> Tensor:
+        """(n,) long: each input row's position in ``names``, ``len(names)`` for rows of no adapter
+        among them (cached per pass, as layers of one shape share it)."""
+        key = (tuple(names), n)
+        index = self._index.get(key)
+        if index is None:
+            device = next(iter(self.rows.values())).device if self.rows else None
+            index = torch.full((n,), len(names), dtype=torch.long, device=device)
+            for i, name in enumerate(names):
+                rows = self.rows_for(name, n, where)
+                if rows is not None:
+                    index[rows] = i
+            self._index[key] = index
+        return index
 
 
 # transformers model types whose adapted layers all see (batch, ...) inputs: dense decoders and

@@ -198,7 +198,16 @@ class VBLoRALayer(nn.Module):
         return weight, base.bias, a, b
 
     def _forward_mixed(self, x: Tensor, result: Tensor, routing: RowRouting) -> Tensor:
-        """One adapter per row: each adapter's branch runs on its own rows only."""
+        """One adapter per row. Two or more adapters here: every row's branch at once, from the
+        rows' gathered factors (:func:`~vblora.core.functional.gathered_delta`); else, and with
+        dropout in training (each adapter has its own rate), each adapter on its own rows."""
+        names = [n for n in routing.rows if n in self.banks]
+        if len(names) > 1 and not (self.training and any(self.dropout_rates[n] > 0 for n in names)):
+            factors = [self.banks[n].factors(self.path) for n in names]
+            if all(a.dtype == factors[0][0].dtype for a, _ in factors):
+                a, bt = VF.stack_factors(factors)
+                index = routing.adapter_index(names, x.shape[0], self.path)
+                return result + VF.gathered_delta(x.to(a.dtype), a, bt, index).to(result.dtype)
         for name in routing.rows:  # the batch's adapters, not every adapter loaded
             bank = self.banks.get(name)
             if bank is None:
