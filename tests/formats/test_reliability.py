@@ -229,3 +229,10 @@ def test_inspect_refuses_scalar_full_logits(tmp_path):
     rewrite(tmp_path, lambda t: t.update({f"{PREFIX}lin0.vblora_logits_A": torch.tensor(1.0)}))
     with pytest.raises(FormatError, match="fit no layer"):
         read_adapter(tmp_path)
+
+
+def test_an_adapter_name_too_long_for_a_folder_is_refused_when_added(tmp_path):
+    model = adapted()
+    with pytest.raises(ValueError, match="at most 255 bytes"):
+        model.add_adapter("a" * 300, model.peft_config["default"])
+    assert list(model.peft_config) == ["default"] and not any(tmp_path.iterdir())

@@ -74,6 +74,10 @@ def adapter_name_problem(name: object) -> str | None:
         return f"adapter name {name!r} must be a non-empty string without '.', '/', '\\' or NUL"
     if name == BASE_ADAPTER:
         return f"adapter name {name!r} is reserved: adapter_names uses it for rows without an adapter"
+    if len(name.encode("utf-8", "surrogatepass")) > 255:  # a folder name, when saved
+        return (
+            f"adapter name {name[:32]!r}... is {len(name)} characters; a file system allows at most 255 bytes"
+        )
     return None
 
 
@@ -108,7 +112,7 @@ def divisibility_problem(path: str, in_features: int, out_features: int, b: int)
     side = "in_features" if in_features % b else "out_features"
     size = in_features if in_features % b else out_features
     return (
-        f"{path}: {side} {size} is not divisible by vector_length {b} (layer is {in_features} -> "
+        f"{path}: `{side}` {size} must be divisible by `vector_length` {b} (layer is {in_features} -> "
         f"{out_features}); choose a vector_length that divides every targeted dimension, e.g. "
         f"{options}, or leave this module out with exclude_modules"
     )
