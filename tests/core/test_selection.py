@@ -84,3 +84,16 @@ def test_selection_property_on_small_tables_with_ties(rows, h, data):
     )
     logits = torch.tensor(cells).reshape(rows, h)
     assert VF.select_topk(logits, k)[1].equal(reference(logits, k))
+
+
+@pytest.mark.parametrize("kind", ["zeros", "few-values", "bf16", "random"])
+def test_the_sync_free_tie_resolution_of_accelerators_follows_the_rule(kind):
+    """The branch-free variant other devices use (no host sync), run on CPU."""
+    logits = tables(300, 96, kind)
+    values, indices = logits.topk(3, dim=-1)
+    following = logits.topk(4, dim=-1).values[:, 3]
+    for branch in (True, False):
+        got = VF._resolve_ties(logits, values[:, :2], indices[:, :2], values[:, 2], branch=branch)
+        assert got.equal(reference(logits, 2))
+        got = VF._resolve_ties(logits, values, indices, following, branch=branch)
+        assert got.equal(reference(logits, 3))

@@ -57,20 +57,22 @@ def select_topk(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return logits.gather(-1, indices), indices
 
 
-def _resolve_ties(flat: Tensor, values: Tensor, indices: Tensor, following: Tensor) -> Tensor:
+def _resolve_ties(
+    flat: Tensor, values: Tensor, indices: Tensor, following: Tensor, branch: bool | None = None
+) -> Tensor:
     """The rule's k indices from the k largest entries (exact values, ties in any order) and the
     (k+1)-th value.
 
     Where the k-th and (k+1)-th values differ the selected set is already the rule's; elsewhere a
     tie crosses the cut, and the lowest tied indices are found over the whole row. On CPU only the
     tied rows are redone (a branch costs nothing there); on other devices every row, without a
-    host sync (one more top-k).
+    host sync (one more top-k). ``branch`` forces either way (tests run both on CPU).
     """
     k = values.shape[-1]
     kth = values[:, -1]
     tied = kth == following
     chosen = indices
-    if flat.device.type == "cpu":
+    if flat.device.type == "cpu" if branch is None else branch:
         if tied.any():
             rows = tied.nonzero().squeeze(1)
             chosen = chosen.clone()
