@@ -34,6 +34,38 @@ from .injection.plan import AdapterPlan, plan_adapter, unwrapped
 from .layers.wrapper import VBLoRALayer
 
 
+def load_options(model: nn.Module, options: dict[str, Any]) -> bool:
+    """Check PEFT's ``from_pretrained``/``load_adapter`` options; returns ``autocast_adapter_dtype``.
+
+    ``low_cpu_mem_usage`` changes nothing (a load never initialises what it overwrites).
+    ``torch_device`` / ``device_map`` must name where the model already is: the adapter lives on
+    the device of the layers it adapts (move the model with ``.to()``). ``ephemeral_gpu_offload``
+    and ``key_mapping`` are not supported, and are refused rather than ignored.
+    """
+    options = {k: v for k, v in options.items() if v is not None}
+    autocast = options.pop("autocast_adapter_dtype", True)
+    options.pop("low_cpu_mem_usage", None)
+    if options.pop("ephemeral_gpu_offload", False):
+        raise ValueError("ephemeral_gpu_offload is not supported: the adapter lives where its layers are")
+    if options.pop("key_mapping", None):
+        raise ValueError("key_mapping is not supported: rename the base model's modules, or the saved keys")
+    devices = {p.device for p in model.parameters()}
+    for name in ("torch_device", "device_map"):
+        value = options.pop(name, None)
+        if value is None or value == "auto":
+            continue
+        wanted = set(value.values()) if isinstance(value, dict) else {value}
+        wanted_types = {torch.device(f"cuda:{w}" if isinstance(w, int) else w).type for w in wanted}
+        if wanted_types != {d.type for d in devices}:
+            raise ValueError(
+                f"{name}={value!r}: the model is on {sorted(str(d) for d in devices)}, and the adapter "
+                "is placed on the device of the layers it adapts; move the model with .to() first"
+            )
+    if options:
+        raise TypeError(f"unexpected arguments {sorted(options)}")
+    return bool(autocast)
+
+
 class CheckpointMethods:
     """The checkpoint half of :class:`~vblora.model.VBLoRAModel` (which provides these attributes)."""
 
@@ -58,6 +90,8 @@ class CheckpointMethods:
         *,
         selected_adapters: Sequence[str] | None = None,
         safe_serialization: bool = True,
+        save_embedding_layers: bool | str = "auto",
+        is_main_process: bool = True,
     ) -> None:
         """Write adapters as PEFT-compatible directories: ``"default"`` into ``save_directory``,
         any other adapter into ``save_directory/<name>/`` (PEFT's layout).
@@ -72,6 +106,9 @@ class CheckpointMethods:
         ``selected_adapters`` and ``safe_serialization`` are PEFT's names, accepted so that code
         written for PEFT runs unchanged: the first is ``adapter_name``; the files are always
         safetensors (``safe_serialization=False``, a pickle file, is refused).
+        ``save_embedding_layers`` is PEFT's: ``"auto"`` also saves the base weight of an adapted
+        ``lm_head``/``embed_tokens`` (with PEFT's warning), ``False`` does not. ``is_main_process=False``
+        writes nothing (PEFT's multi-process convention).
         """
         if not safe_serialization:
             raise ValueError("vblora writes safetensors only (no pickle); drop safe_serialization=False")
@@ -83,8 +120,13 @@ class CheckpointMethods:
         for name in self.adapter_names(adapter_name):
             config = self.peft_config[name]
             topk = config.save_only_topk_weights if save_only_topk_weights is None else save_only_topk_weights
-            exports.append(self.export_adapter(name, save_only_topk_weights=topk))
-        write_directories(Path(save_directory), exports, write=writer_rank(self.adapters_sharded()))
+            exports.append(
+                self.export_adapter(
+                    name, save_embedding_layers=save_embedding_layers, save_only_topk_weights=topk
+                )
+            )
+        write = writer_rank(self.adapters_sharded()) and is_main_process
+        write_directories(Path(save_directory), exports, write=write)
 
     def adapter_names(self, adapter_name: str | Sequence[str] | None) -> list[str]:
         """The adapters a save names: one, several, or None for all; unknown ones are refused."""
@@ -106,13 +148,16 @@ class CheckpointMethods:
             raise ValueError(f"unknown adapter(s) {unknown}; existing: {list(self.peft_config)}")
         return names
 
-    def export_adapter(self, name: str, **changes: Any) -> AdapterExport:
+    def export_adapter(
+        self, name: str, save_embedding_layers: bool | str = "auto", **changes: Any
+    ) -> AdapterExport:
         """Adapter ``name`` gathered for the formats to write (``changes``: config fields to set)."""
         layers = [layer for layer in self.vblora_layers() if name in layer.banks]
         fan_in_fan_out = bool(layers) and all(layer.fan_in_fan_out for layer in layers)
         config, bank = self.peft_config[name], self.vblora_banks[name]
+        biases = self.trained_biases(name)
         return export_adapter(
-            self.model, name, config, bank, self.trained_biases(name), fan_in_fan_out, **changes
+            self.model, name, config, bank, biases, fan_in_fan_out, save_embedding_layers, **changes
         )
 
     def adapters_sharded(self) -> bool:
@@ -126,34 +171,82 @@ class CheckpointMethods:
         path: str | PathLike[str],
         adapter_name: str = "default",
         is_trainable: bool = False,
+        config: VBLoRAConfig | None = None,
+        **options: Any,
     ) -> Any:
         """Wrap ``model`` with the adapter saved in ``path`` (ours or PEFT's).
 
         With ``is_trainable=False`` every parameter is frozen and the model is put in eval mode.
+        ``config`` replaces the saved config (then ``peft_config[adapter_name] is config``).
+        PEFT's loading options are accepted (see :func:`load_options`).
 
         Raises:
             ValueError: as :meth:`load_adapter`; ``model`` is then left unwrapped and unchanged.
         """
         if isinstance(model, cls):
             raise TypeError("base_model is already a VBLoRAModel; use its load_adapter(path, name) instead")
-        loaded = cls._read_directory(model, path, adapter_name, {}, is_trainable)
-        return cls.wrap_loaded(model, loaded, is_trainable)
+        if options.get("subfolder"):
+            path = Path(path) / options.pop("subfolder")
+        autocast = load_options(model, options)
+        loaded = cls._read_directory(model, path, adapter_name, {}, is_trainable, config)
+        wrapped = cls.wrap_loaded(model, loaded, is_trainable)
+        if not autocast:
+            wrapped.cast_to_base_dtype(adapter_name)
+        return wrapped
 
-    def load_adapter(self, path: str | PathLike[str], adapter_name: str, is_trainable: bool = False) -> None:
+    def load_adapter(
+        self,
+        path: str | PathLike[str],
+        adapter_name: str,
+        is_trainable: bool = False,
+        torch_device: str | torch.device | None = None,
+        *,
+        config: VBLoRAConfig | None = None,
+        **options: Any,
+    ) -> None:
         """Add the adapter saved in ``path`` (ours or PEFT's), inactive until set_adapter.
+
+        ``config`` replaces the saved config; PEFT's loading options are accepted (see
+        :func:`load_options`).
 
         Raises:
             ValueError: the directory is not readable, does not fit the model (every problem listed),
                 or is a top-k checkpoint and ``is_trainable`` is True. The model is unchanged.
         """
-        loaded = self._read_directory(self.model, path, adapter_name, self.peft_config, is_trainable)
+        if options.get("subfolder"):
+            path = Path(path) / options.pop("subfolder")
+        autocast = load_options(self.model, {**options, "torch_device": torch_device})
+        loaded = self._read_directory(self.model, path, adapter_name, self.peft_config, is_trainable, config)
         self.add_loaded(loaded, is_trainable)
+        if not autocast:
+            self.cast_to_base_dtype(adapter_name)
         if not is_trainable:
             self.eval()  # as PEFT: an inference load disables dropout
 
+    def cast_to_base_dtype(self, adapter_name: str) -> None:
+        """Give adapter ``adapter_name`` the dtype of its half-precision base layers (PEFT's
+        ``autocast_adapter_dtype=False``); an fp32 base keeps an fp32 adapter."""
+        layer = next((layer for layer in self.vblora_layers() if adapter_name in layer.banks), None)
+        if layer is not None and layer.weight.dtype in (torch.float16, torch.bfloat16):
+            self.vblora_banks[adapter_name].to(layer.weight.dtype)
+
     @staticmethod
-    def _read_directory(root: nn.Module, path: Any, name: str, existing: dict, is_trainable: bool) -> Loaded:
+    def _read_directory(
+        root: nn.Module,
+        path: Any,
+        name: str,
+        existing: dict,
+        is_trainable: bool,
+        given: VBLoRAConfig | None = None,
+    ) -> Loaded:
         config, tensors, folder = read_directory(path)
+        if given is not None:
+            if not isinstance(given, VBLoRAConfig):
+                raise TypeError(f"config must be a VBLoRAConfig, got {type(given).__name__}")
+            # The one field a load sets on a given config, as PEFT does; informational (it is not
+            # compared and changes no number), so the frozen config may carry it.
+            object.__setattr__(given, "inference_mode", not is_trainable)
+            config = given
         if is_trainable and config.save_only_topk_weights:
             raise refuse_training(folder, name)
         loaded = decode_directory(root, plan_adapter(root, config, name, existing), tensors)
@@ -202,6 +295,10 @@ class CheckpointMethods:
                 self._inject(loaded.plan, initialise=False, trainable=trainable)  # filled below
         self._fill(name, loaded)
         self.vblora_banks[name].inference_only = loaded.inference_only
+
+    def fill(self, name: str, loaded: Loaded) -> None:
+        """Copy a validated load (same layout) into the existing adapter ``name``, in place."""
+        self._fill(name, loaded)
 
     @torch.no_grad()
     def _fill(self, name: str, loaded: Loaded) -> None:

@@ -39,7 +39,11 @@ def save_compact(
     if bank_dtype not in COMPACT_BANK_DTYPES.values():
         raise ValueError(f"bank_dtype must be torch.float32, float16, bfloat16 or int8, got {bank_dtype}")
     name = _one_adapter(model, adapter_name)
-    data = compact_bytes(model.export_adapter(name, save_only_topk_weights=True), bank_dtype)
+    config = model.peft_config[name]  # as given: the header holds the layout, no resolved target list
+    export = model.export_adapter(
+        name, save_embedding_layers=False, save_only_topk_weights=True, target_modules=config.target_modules
+    )
+    data = compact_bytes(export, bank_dtype)
     write_files({Path(path): data})
 
 
@@ -76,4 +80,4 @@ def export_lora(model: VBLoRAModel, save_directory: StrPath, adapter_name: str =
     is the adapted modules' paths; ``modules_to_save`` copies and trained biases are carried over.
     """
     name = _one_adapter(model, adapter_name)
-    write_files(lora_files(Path(save_directory), model.export_adapter(name)))
+    write_files(lora_files(Path(save_directory), model.export_adapter(name, save_embedding_layers=False)))

@@ -61,7 +61,12 @@ def merge(
     (lossy, with a warning stating the share of ΔW kept) and unmerging restores the original bytes."""
     already = [n for n in names if n in merged_names(layers)]
     if already:
-        warnings.warn(f"adapter(s) {already} already merged; nothing to do for them", stacklevel=3)
+        message = (  # PEFT's wording when every adapter asked for is merged
+            "All adapters are already merged, nothing to do."
+            if len(already) == len(names)
+            else f"adapter(s) {already} already merged; nothing to do for them"
+        )
+        warnings.warn(message, stacklevel=3)
     names = [n for n in names if n not in already]
     plan = [
         (layer, name, layer.delta_weight(name)) for layer in layers for name in names if name in layer.banks
@@ -83,7 +88,8 @@ def merge(
                 weight = weight.T  # delta is laid out like the stored weight
             if not torch.isfinite(weight.float() + delta.to(weight.device)).all():
                 raise ValueError(
-                    f"merging adapter {name!r} would put NaN or inf into {layer.path}; nothing was merged"
+                    f"NaNs detected in the merged weights. The adapter {name} seems to be broken: "
+                    f"merging it would put NaN or inf into {layer.path}; nothing was merged"
                 )
     kept, total = 0.0, 0.0
     for layer, name, delta in plan:

@@ -250,8 +250,8 @@ class VBLoRAModel(CheckpointMethods, BaseModelMethods, nn.Module):
             owners = [n for n in names if n in wrapper.modules_to_save]
             if len(owners) > 1:
                 raise ValueError(
-                    f"adapters {owners} each have a trainable copy of the same module; "
-                    "only one of them can be active at a time"
+                    "Only one adapter can be set at a time for ModulesToSaveWrapper: "
+                    f"adapters {owners} each have a trainable copy of the same module"
                 )
         previous, self.adapters.active = self.adapters.active, names
         for layer in self.vblora_layers():
@@ -293,9 +293,11 @@ class VBLoRAModel(CheckpointMethods, BaseModelMethods, nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove every trace of an adapter; wrappers left without adapters are unwrapped."""
         if adapter_name not in self.peft_config:
-            raise ValueError(f"unknown adapter {adapter_name!r}; existing: {list(self.peft_config)}")
-        if adapter_name in self.merged_adapters:
-            raise ValueError(f"adapter {adapter_name!r} is merged; unmerge_adapter() before deleting it")
+            raise ValueError(f"Adapter {adapter_name} does not exist; existing: {list(self.peft_config)}")
+        if adapter_name in self.merged_adapters:  # PEFT's wording
+            raise ValueError(
+                f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them first."
+            )
         self._set_bias_trainable(adapter_name, False)  # the biases stay in the base model, trained
         eject(self.model, adapter_name)
         del self.vblora_banks[adapter_name]

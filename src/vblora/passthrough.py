@@ -1,6 +1,7 @@
-"""The base model's methods a :class:`~vblora.model.VBLoRAModel` passes through, said explicitly
-(no attribute forwarding): what transformers' Trainer calls on the model it trains (activation
-checkpointing, NEFTune's embedding hook) and what PEFT users call (``get_base_model``)."""
+"""The base model's methods a :class:`~vblora.model.VBLoRAModel` passes through, said explicitly:
+what transformers' Trainer calls on the model it trains (activation checkpointing, NEFTune's
+embedding hook) and what PEFT users call (``get_base_model``); any other attribute is looked up
+on the base model, one level only, as PEFT does."""
 
 from __future__ import annotations
 
@@ -13,6 +14,17 @@ class BaseModelMethods:
     """Pass-through methods; ``self.model`` is the base model."""
 
     model: nn.Module
+
+    def __getattr__(self, name: str) -> Any:
+        """An attribute this model lacks is looked up on the base model, one level only (PEFT
+        does the same: ``model.lm_head``, ``model.layers``). Dunder names are never forwarded."""
+        try:
+            return super().__getattr__(name)  # type: ignore[misc]  # nn.Module's: parameters, submodules
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("model")
+            if base is None or name.startswith("__"):
+                raise
+            return getattr(base, name)
 
     def get_base_model(self) -> nn.Module:
         return self.model

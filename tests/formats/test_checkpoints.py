@@ -230,7 +230,8 @@ def test_multiple_adapters_use_peft_layout(bases, tmp_path):
         again.set_adapter(adapter)
         assert _rel(_out(theirs.eval()), ref) <= 1e-6 and _rel(_out(again.eval()), ref) <= 1e-6
     ours.save_pretrained(tmp_path / "only", adapter_name="other")
-    assert [p.name for p in (tmp_path / "only").iterdir()] == ["other"]
+    # PEFT's layout: the model card at the top, the adapter in its folder
+    assert sorted(p.name for p in (tmp_path / "only").iterdir()) == ["README.md", "other"]
 
 
 def test_peft_multi_adapter_directory_loads(bases, tmp_path):
@@ -573,6 +574,7 @@ def test_interrupted_save_keeps_previous_adapter(bases, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="simulated crash"):
         save_compact(ours, tmp_path / "a.vblora")
     assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "README.md",  # the model card, as PEFT writes it
         "a.vblora",
         CONFIG_NAME,
         WEIGHTS_NAME,
@@ -667,7 +669,7 @@ def test_peft_style_save_arguments_and_empty_or_plural_names(bases, tmp_path):
     ours = _ours(bases["bert"], "bert", bias="none")
     ours.add_adapter("b", ours.peft_config["default"])
     ours.save_pretrained(tmp_path / "peft-style", selected_adapters=["b"], safe_serialization=True)
-    assert sorted(p.name for p in (tmp_path / "peft-style").iterdir()) == ["b"]  # PEFT's layout
+    assert sorted(p.name for p in (tmp_path / "peft-style").iterdir()) == ["README.md", "b"]  # PEFT's layout
     with pytest.raises(ValueError, match="safetensors only"):
         ours.save_pretrained(tmp_path / "x", safe_serialization=False)
     with pytest.raises(ValueError, match="no adapter to save"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor
 
@@ -18,8 +19,8 @@ from .readers import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 _LORA_BIAS = {"none": "none", "all": "all", "vblora_only": "lora_only"}
 
 
-def lora_files(folder: Path, export: AdapterExport) -> dict[Path, bytes]:
-    """``adapter_config.json`` and ``adapter_model.safetensors`` of the LoRA adapter (fp32 factors)."""
+def lora_state(export: AdapterExport) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The LoRA adapter's ``adapter_config.json`` content and its tensors (fp32 factors)."""
     config, bank = export.config, export.bank
     sub = bank.subvectors()  # (P, b) in fp32, without autograd
     tensors: dict[str, Tensor] = {}
@@ -46,5 +47,11 @@ def lora_files(folder: Path, export: AdapterExport) -> dict[Path, bytes]:
         "revision": config.revision,
         "inference_mode": True,
     }
+    return lora_config, tensors
+
+
+def lora_files(folder: Path, export: AdapterExport) -> dict[Path, bytes]:
+    """``adapter_config.json`` and ``adapter_model.safetensors`` of the LoRA adapter (fp32 factors)."""
+    lora_config, tensors = lora_state(export)
     config_bytes = json.dumps(lora_config, indent=2, sort_keys=True).encode("utf-8")
     return {folder / CONFIG_NAME: config_bytes, folder / WEIGHTS_NAME: safetensors_bytes(tensors, {})}

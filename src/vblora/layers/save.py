@@ -37,6 +37,14 @@ class ModulesToSaveWrapper(nn.Module):
         chosen = [n for n in names if n in self.modules_to_save]
         self.active_adapter = chosen[0] if chosen else None
 
+    # PEFT's names for the same state
+    adapter_layer_names = ("modules_to_save",)
+    other_param_names: tuple[str, ...] = ()
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [] if self.active_adapter is None else [self.active_adapter]
+
     def in_use(self) -> nn.Module:
         """The module a plain call runs: the active adapter's copy, else the original."""
         if self.disabled or self.active_adapter is None:

@@ -6,6 +6,8 @@ them for its factors, so each bank and logits table appears once in ``state_dict
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -15,6 +17,26 @@ from ..core import functional as VF
 from ..core.bank import AdapterBank
 from ..core.routing import RowRouting, current_routing, mixed_delta
 from .base import LayerKind, kind_of
+
+
+class AdapterView(Mapping[str, Tensor]):
+    """A read-only, live mapping adapter name -> tensor of one adapter's state (PEFT's per-layer
+    ``ParameterDict`` names, read from the banks; an adapter deleted later is gone from it too)."""
+
+    def __init__(self, banks: Mapping[str, AdapterBank], get: Callable[[AdapterBank], Tensor | None]) -> None:
+        self._banks, self._get = banks, get
+
+    def __getitem__(self, name: str) -> Tensor:
+        value = self._get(self._banks[name])
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name, bank in self._banks.items() if self._get(bank) is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 def layer_features(module: nn.Module) -> tuple[int, int, bool]:
@@ -68,7 +90,7 @@ class VBLoRALayer(nn.Module):
         # and every traversal of the model would walk them).
         self.banks: dict[str, AdapterBank] = {}
         self.dropout_rates: dict[str, float] = {}
-        self.active_adapters: tuple[str, ...] = ()
+        self._active: tuple[str, ...] = ()  # the adapters this layer applies, in order
         self.merged_adapters: list[str] = []
         self.disabled = False
 
@@ -80,7 +102,7 @@ class VBLoRALayer(nn.Module):
     def remove_adapter(self, name: str) -> None:
         self.banks.pop(name, None)
         self.dropout_rates.pop(name, None)
-        self.active_adapters = tuple(a for a in self.active_adapters if a != name)
+        self._active = tuple(a for a in self._active if a != name)
 
     def replace_base_layer(self, module: nn.Module) -> None:
         """Wrap ``module`` instead (same sizes and layout), e.g. a dequantized copy of the base layer."""
@@ -115,14 +137,23 @@ class VBLoRALayer(nn.Module):
 
     @property
     def active_adapter(self) -> str | list[str]:
-        return self.active_adapters[0] if len(self.active_adapters) == 1 else list(self.active_adapters)
+        return self._active[0] if len(self._active) == 1 else list(self._active)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The adapters this layer applies (a list, as PEFT's)."""
+        return list(self._active)
+
+    @active_adapters.setter
+    def active_adapters(self, names: tuple[str, ...] | list[str]) -> None:
+        self._active = tuple(names)
 
     def set_adapter(self, adapter_names: str | list[str]) -> None:
         """Apply these adapters in this layer only (PEFT's per-layer call; names this layer lacks
         are skipped). Trainability stays the model's: one bank serves every layer, so only the
         model's ``set_adapter`` changes it."""
         names = (adapter_names,) if isinstance(adapter_names, str) else tuple(dict.fromkeys(adapter_names))
-        self.active_adapters = tuple(n for n in names if n in self.banks)
+        self._active = tuple(n for n in names if n in self.banks)
 
     @property
     def disable_adapters(self) -> bool:
@@ -132,29 +163,29 @@ class VBLoRALayer(nn.Module):
         self.disabled = not enabled
 
     @property
-    def vblora_vector_bank(self) -> dict[str, Tensor]:
+    def vblora_vector_bank(self) -> AdapterView:
         """Each adapter's bank (the model's one parameter, shared by every layer, as in PEFT)."""
-        return {name: bank.bank for name, bank in self.banks.items()}
+        return AdapterView(self.banks, lambda bank: bank.bank)
 
     @property
-    def vblora_logits_A(self) -> dict[str, Tensor]:
+    def vblora_logits_A(self) -> AdapterView:
         """Views of this layer's rows of each adapter's logits table, shaped as PEFT's (r, in/b, h);
         a selection-only (top-k) adapter has no logits and is left out."""
-        return {name: self._logits(name)[0] for name in self.banks if self._logits(name) is not None}
+        return AdapterView(self.banks, lambda bank: self._logits(bank, 0))
 
     @property
-    def vblora_logits_B(self) -> dict[str, Tensor]:
+    def vblora_logits_B(self) -> AdapterView:
         """As :attr:`vblora_logits_A`, PEFT's (out/b, r, h)."""
-        return {name: self._logits(name)[1] for name in self.banks if self._logits(name) is not None}
+        return AdapterView(self.banks, lambda bank: self._logits(bank, 1))
 
-    def _logits(self, name: str) -> tuple[Tensor, Tensor] | None:
-        bank = self.banks[name]
+    def _logits(self, bank: AdapterBank, factor: int) -> Tensor | None:
         if bank.topk_indices is not None:
             return None
         slot, h = bank.layout[self.path], bank.num_vectors
         b = slot.vector_length
-        a = bank.logits[slot.a_offset : slot.b_offset].view(slot.r, slot.in_features // b, h)
-        return a, bank.logits[slot.b_offset : slot.end].view(slot.out_features // b, slot.r, h)
+        if factor == 0:
+            return bank.logits[slot.a_offset : slot.b_offset].view(slot.r, slot.in_features // b, h)
+        return bank.logits[slot.b_offset : slot.end].view(slot.out_features // b, slot.r, h)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
@@ -172,7 +203,7 @@ class VBLoRALayer(nn.Module):
             return result
         if routing is not None:
             return self._forward_mixed(x, result, routing)
-        for name in self.active_adapters:
+        for name in self._active:
             if name in self.merged_adapters or name not in self.banks:
                 continue
             a, b = self.banks[name].factors(self.path)
@@ -184,9 +215,9 @@ class VBLoRALayer(nn.Module):
         """(weight (out, in), bias, A, B) when the one adapter to apply can be fused into the matmul
         of ``base`` (:func:`~vblora.functional.linear_with_adapter`), a plain linear layer that nobody
         observes (no hooks, no replaced forward): no dropout, no autocast and a single dtype."""
-        if len(self.active_adapters) != 1 or self.disabled or self.merged_adapters:
+        if len(self._active) != 1 or self.disabled or self.merged_adapters:
             return None
-        name = self.active_adapters[0]
+        name = self._active[0]
         if name not in self.banks:
             return None
         if (self.training and self.dropout_rates[name] > 0) or _autocast(x.device.type):
