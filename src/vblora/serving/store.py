@@ -145,8 +145,7 @@ class AdapterStore:
         """Where adapter ``name`` is on disk now, or None."""
         if not valid_name(name) or name == BASE_ADAPTER:
             return None
-        with self.lock:
-            registered = self._registered.get(name)
+        registered = self._registered.get(name)  # no lock: the event loop must not wait for a batch step
         if registered is not None:
             return registered if stamp_of(registered) is not None else None
         return find_adapter(self.folders, name)
@@ -165,8 +164,7 @@ class AdapterStore:
 
     def names(self) -> list[str]:
         """Every adapter known now: registered ones, then the folders' (one directory listing each)."""
-        with self.lock:
-            found = dict.fromkeys(self._registered)
+        found = dict.fromkeys(list(self._registered))  # a snapshot, without waiting for a batch step
         for folder in self.folders:
             try:
                 entries = sorted(os.scandir(folder), key=lambda e: e.name)
@@ -184,12 +182,11 @@ class AdapterStore:
         return list(found)
 
     def resident(self) -> list[str]:
-        with self.lock:
-            return list(self._resident)
+        """The resident adapters, least recent first (a snapshot: ``list`` of a dict is atomic)."""
+        return list(self._resident)
 
     def resident_bytes(self) -> int:
-        with self.lock:
-            return sum(r.nbytes for r in self._resident.values())
+        return sum(r.nbytes for r in list(self._resident.values()))
 
     # ------------------------------------------------------------------ registration (vLLM's API)
     def register(self, name: str, path: str | os.PathLike[str], *, load: bool = True) -> None:
