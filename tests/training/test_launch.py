@@ -10,13 +10,16 @@ far below what one step moves a parameter (about 1e-3), or what a wrong weightin
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,6 +57,14 @@ def test_read_launch_reads_torchrun_variables_and_refuses_partial_or_bad_ones() 
             L.read_launch("cpu", environ=environ)
     with pytest.raises(LaunchError, match="--fsdp shards the model across processes"):
         L.read_launch("cpu", fsdp=True, environ={})
+
+
+def test_fsdp_with_a_quantized_base_is_refused_with_the_reason() -> None:
+    fsdp = Launch(rank=0, world_size=2, fsdp=True)
+    with pytest.raises(LaunchError, match="FSDP2 cannot shard bitsandbytes' packed 4/8-bit weights"):
+        L.check_options(fsdp, quantize="nf4")
+    L.check_options(fsdp)
+    L.check_options(Launch(rank=0, world_size=2), quantize="nf4")  # DDP: each rank the whole base
 
 
 def test_devices_are_checked_against_the_machine() -> None:
@@ -133,6 +144,7 @@ def test_together_in_one_process_is_transparent() -> None:
 
 
 # --------------------------------------------------------------------------- two processes
+LIMIT_S = 300  # a hang fails the test after this long, instead of waiting for gloo's 30 minutes
 
 
 def free_port() -> int:
@@ -239,7 +251,22 @@ def test_torchrun_ddp_run_equals_one_process_and_only_rank_0_writes(assets: Path
     assert code == 0, err
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     argv = [sys.executable, "-m", "vblora", *bert_args(assets, two), "--nproc-per-node", "2"]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    # its own session, so that a hang can be stopped with the workers torchrun started
+    launcher = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = launcher.communicate(timeout=LIMIT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        pytest.fail(f"torchrun did not finish within {LIMIT_S} s")
+    done = subprocess.CompletedProcess(argv, launcher.returncode, stdout, stderr)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_run(two, one, world=2)
     assert done.stdout.count("wrote ") == 1 and done.stdout.count("data: ") == 1  # rank 0 alone prints
@@ -300,48 +327,68 @@ def test_watch_writes_sees_the_ways_a_run_writes(tmp_path: Path) -> None:
     assert any(p.endswith(os.sep + "b") for p in log) and len(log) >= 5
 
 
-def cli_worker(rank: int, world: int, jobs: list[tuple[int, list[str], str]], folder: str) -> None:
-    """One rank of several `vblora train` runs in a row, as torchrun would start it; ``fail``
-    breaks this rank (rank 1 only) while loading the data or at its second training step. Rank 1
+def cli_worker(rank: int, world: int, jobs: list[tuple[str, int, list[str]]], folder: str) -> None:
+    """One rank of several `vblora train` runs in a row, as torchrun would start it. On rank 1 the
+    job ``broken`` fails while loading the data and ``stopped`` at its second training step; rank 1
     records every write it makes under ``folder`` (there should be none)."""
     from vblora.training import loop as T
 
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
-    for i, (port, argv, fail) in enumerate(jobs):
+    for name, port, argv in jobs:
         os.environ["MASTER_PORT"] = str(port)
         with contextlib.ExitStack() as stack:
             writes = watch_writes(stack, folder) if rank == 1 else []
-            if rank == 1 and fail == "prepare":
+            if rank == 1 and name == "broken":
                 error = T.D.DataError("reviews.csv: unreadable on this machine")
                 stack.enter_context(mock.patch.object(T, "load_examples", side_effect=error))
-            if rank == 1 and fail == "step":
+            if rank == 1 and name == "stopped":
                 failing = FailingShards(L.shard_rows, T.RunError("this rank ran out of memory"), at=2)
                 stack.enter_context(mock.patch.object(L, "shard_rows", failing))
             code, out, err = run_here(argv)
         result = {"code": code, "out": out, "err": err, "writes": writes}
-        Path(folder, f"{i}-{rank}.json").write_text(json.dumps(result))
+        Path(folder, f"{name}-{rank}.json").write_text(json.dumps(result))
 
 
-def test_gloo_ranks_fsdp_run_equals_one_process_and_errors_stop_every_rank(
+def test_gloo_ranks_fsdp_and_nf4_runs_equal_one_process_and_errors_stop_every_rank(
     assets: Path, tmp_path: Path
 ) -> None:
-    """Two ranks on gloo run three jobs: an FSDP2 causal-LM run (equal to one process's, token-
-    weighted), then rank 1 fails loading data, then at its second step. Each failure ends both
-    ranks with exit 2 and one line each, and leaves no output or staging folder."""
-    fsdp, broken, stopped = (tmp_path / name / "run" for name in ("fsdp", "broken", "stopped"))
+    """Two ranks on gloo run a few jobs: an FSDP2 causal-LM run (equal to one process's, token-
+    weighted), then rank 1 fails loading data, then at its second step (each failure ends both
+    ranks with exit 2 and one line each, and leaves no output or staging folder), then a DDP run
+    on an nf4 base (bitsandbytes) equal to one process's."""
+    names = ("fsdp", "broken", "stopped", "nf4")
+    fsdp, broken, stopped, nf4 = (tmp_path / name / "run" for name in names)
     for output in (broken, stopped):
         output.parent.mkdir()  # where rank 0 would stage the run folder
-    jobs = [
-        (free_port(), [*llama_args(assets, fsdp), "--fsdp"], ""),
-        (free_port(), bert_args(assets, broken), "prepare"),
-        (free_port(), bert_args(assets, stopped), "step"),
-    ]
-    mp.spawn(cli_worker, args=(2, jobs, str(tmp_path)), nprocs=2, join=True)
-    results = [[json.loads((tmp_path / f"{i}-{r}.json").read_text()) for r in range(2)] for i in range(3)]
-    assert [r1["writes"] for _, r1 in results] == [[], [], []]  # rank 0 alone writes
+    quantized = importlib.util.find_spec("bitsandbytes") is not None
+    jobs = {
+        "fsdp": [*llama_args(assets, fsdp), "--fsdp"],
+        "broken": bert_args(assets, broken),
+        # DDP with a bitsandbytes nf4 base (FSDP2 refuses it)
+        **(
+            {"nf4": [*llama_args(assets, nf4), "--quantize", "nf4", "--num-generations", "0"]}
+            if quantized
+            else {}
+        ),
+        # last: rank 1's process then ends, which is what closes its connections (as a failed rank's
+        # does); a process that lives on keeps them open until its garbage is collected
+        "stopped": bert_args(assets, stopped),
+    }
+    work = [(name, free_port(), argv) for name, argv in jobs.items()]
+    ranks = mp.start_processes(cli_worker, args=(2, work, str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + LIMIT_S
+    while not ranks.join(timeout=1):  # re-raises a rank's exception
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail(f"the ranks did not finish within {LIMIT_S} s")
+    results = {
+        name: [json.loads((tmp_path / f"{name}-{r}.json").read_text()) for r in range(2)] for name in jobs
+    }
+    assert all(r1["writes"] == [] for _, r1 in results.values())  # rank 0 alone writes
 
-    (r0, r1), one = results[0], tmp_path / "one" / "run"
+    (r0, r1), one = results["fsdp"], tmp_path / "one" / "run"
     assert (r0["code"], r1["code"], r1["out"]) == (0, 0, ""), (r0["err"], r1["err"])
     code, _, err = run_here(llama_args(assets, one))
     assert code == 0, err
@@ -349,14 +396,24 @@ def test_gloo_ranks_fsdp_run_equals_one_process_and_errors_stop_every_rank(
     got, want = (json.loads((p / "generations.json").read_text()) for p in (fsdp, one))
     assert got == want
 
-    (r0, r1) = results[1]  # rank 0 says why; rank 1 stops silently
+    (r0, r1) = results["broken"]  # rank 0 says why; rank 1 stops silently
     assert (r0["code"], r1["code"], r1["err"]) == (2, 2, "")
     assert r0["err"].splitlines() == [
         "vblora train: error: rank 1 of 2: reviews.csv: unreadable on this machine"
     ]
-    (r0, r1) = results[2]  # mid-training: no collective to agree in, so each rank says its part
+    (r0, r1) = results["stopped"]  # mid-training: no collective to agree in, so each rank says its part
     assert (r0["code"], r1["code"]) == (2, 2)
     assert r1["err"].splitlines() == ["vblora train: error: rank 1 of 2: this rank ran out of memory"]
     assert len(r0["err"].splitlines()) == 1 and "rank 0 of 2: stopped: another process failed" in r0["err"]
     for output in (broken, stopped):
         assert os.listdir(output.parent) == []
+
+    if quantized:
+        assert [r["code"] for r in results["nf4"]] == [0, 0], results["nf4"][0]["err"]
+        code, _, err = run_here(
+            [*llama_args(assets, one), "--quantize", "nf4", "--num-generations", "0", "--overwrite"]
+        )
+        assert code == 0, err
+        assert_same_run(nf4, one, world=2)
+        settings = json.loads((nf4 / "metrics.json").read_text())["settings"]
+        assert settings["quantize"] == "nf4"

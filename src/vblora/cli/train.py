@@ -194,7 +194,7 @@ def _train(args: argparse.Namespace, launch: L.Launch) -> None:
     with contextlib.ExitStack() as stack:
         with L.together(launch):  # local work: a failure on any rank stops every rank here
             s.check()
-            _check_launch(args, launch)
+            L.check_options(launch, quantize=s.quantize)
             if launch.distributed and launch.is_main:
                 T.resolve_model_path(s.model or "")  # a packaged model is converted once, by rank 0
         with L.together(launch):
@@ -227,16 +227,6 @@ def _train(args: argparse.Namespace, launch: L.Launch) -> None:
                 T.plot_history(history, metric, "before training", tmp / "training.png")
     if launch.is_main:
         R.print_summary(metrics, output)
-
-
-def _check_launch(args: argparse.Namespace, launch: L.Launch) -> None:
-    """Combinations of processes and options that cannot work, refused before anything is loaded."""
-    if launch.fsdp and getattr(args, "quantize", None):
-        raise RunError(
-            "--fsdp with --quantize: FSDP2 cannot shard bitsandbytes' packed 4/8-bit weights (their "
-            "quantization state is no tensor it can split); drop --fsdp to train with DDP, each GPU "
-            "holding the whole quantized base"
-        )
 
 
 def _prepare_training(s: RunSettings) -> tuple[RunSettings, Any, Any, T.TaskData]:

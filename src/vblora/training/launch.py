@@ -100,6 +100,16 @@ def read_launch(
     return Launch(rank, local_rank, world, pick_device(device, local_rank, world), fsdp)
 
 
+def check_options(launch: Launch, quantize: str | None = None) -> None:
+    """Refuse the options this launch cannot run, before anything is loaded."""
+    if launch.fsdp and quantize:
+        raise LaunchError(
+            f"--fsdp with --quantize {quantize}: FSDP2 cannot shard bitsandbytes' packed 4/8-bit weights "
+            "(their quantization state is no tensor it can split); drop --fsdp to train with DDP, each "
+            "process holding the whole quantized base"
+        )
+
+
 def pick_device(name: str | None, local_rank: int = 0, world_size: int = 1) -> torch.device:
     """The device of the rank with ``local_rank`` (see :func:`read_launch`)."""
     if name is None:
