@@ -127,8 +127,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--device",
         default=None,
-        help="cpu, cuda (each process its cuda:LOCAL_RANK) or cuda:<index> "
-        "(default: cuda if present, else cpu)",
+        help="cpu, cuda (each process its cuda:LOCAL_RANK) or cuda:<index> (default: cpu)",
     )
     g.add_argument(
         "--nproc-per-node",

@@ -77,8 +77,8 @@ def read_launch(
 ) -> Launch:
     """The launch torchrun describes in ``environ`` (a single process when it describes none).
 
-    ``device``: ``cpu``, ``cuda`` (each rank its ``cuda:LOCAL_RANK``), ``cuda:I`` (one process
-    only), or None for ``cuda`` when a GPU is present, else ``cpu``.
+    ``device``: ``cpu`` (also for None: the CLI's other commands run there too), ``cuda`` (each
+    rank its ``cuda:LOCAL_RANK``) or ``cuda:I`` (one process only).
     """
     present = [name for name in ENV_NAMES if name in environ]
     if present and len(present) < len(ENV_NAMES):
@@ -112,8 +112,7 @@ def check_options(launch: Launch, quantize: str | None = None) -> None:
 
 def pick_device(name: str | None, local_rank: int = 0, world_size: int = 1) -> torch.device:
     """The device of the rank with ``local_rank`` (see :func:`read_launch`)."""
-    if name is None:
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+    name = name or "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
