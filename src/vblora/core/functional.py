@@ -66,13 +66,15 @@ def _resolve_ties(
     Where the k-th and (k+1)-th values differ the selected set is already the rule's; elsewhere a
     tie crosses the cut, and the lowest tied indices are found over the whole row. On CPU only the
     tied rows are redone (a branch costs nothing there); on other devices every row, without a
-    host sync (one more top-k). ``branch`` forces either way (tests run both on CPU).
+    host sync (one more top-k), as under ``torch.compile``. ``branch`` forces either way.
     """
     k = values.shape[-1]
     kth = values[:, -1]
     tied = kth == following
     chosen = indices
-    if flat.device.type == "cpu" if branch is None else branch:
+    if branch is None:  # compiled graphs take the branch-free way too (no data-dependent branch)
+        branch = flat.device.type == "cpu" and not torch.compiler.is_compiling()
+    if branch:
         if tied.any():
             rows = tied.nonzero().squeeze(1)
             chosen = chosen.clone()
