@@ -14,7 +14,6 @@ the batch order by ``seed``, so the same settings give the same metrics on the s
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import pathlib
 import random
@@ -26,8 +25,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..core.config import VBLoRAConfig
-from ..formats.compact import COMPACT_BANK_DTYPES
 from ..model import VBLoRAModel
 from ..optim import optimizer_param_groups
 from . import data as D
@@ -37,402 +34,32 @@ from .launch import SINGLE, Launch
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-SEQ_CLS, CAUSAL_LM = "seq-cls", "causal-lm"
-TASKS = (SEQ_CLS, CAUSAL_LM)
-BUILTIN_DATA = ("rotten-tomatoes", "chatterbot", "hamlet")
-MODEL_ALIASES = ("minilm", "smollm2")
 
-# The recipe of the default run, chosen by measurement on 2 CPU cores (see benchmarks/RESULTS.md).
-# Each task's defaults fill in whatever the user leaves unset (None) in RunSettings.
-TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    SEQ_CLS: {
-        "model": "minilm",
-        "data": "rotten-tomatoes",
-        "text_column": "text",
-        "label_column": "label",
-        "target_modules": "all-linear",  # on BERT: query, key, value and every dense layer
-        "modules_to_save": ["classifier", "score"],  # BERT's head and Llama's, Qwen's, ...
-        "vector_length": 128,
-        "max_length": 64,
-        "batch_size": 32,
-        "eval_batch_size": 64,
-        "logits_lr": 5e-2,
-        "bank_lr": 1e-2,
-    },
-    CAUSAL_LM: {
-        "model": "smollm2",
-        "data": "chatterbot",
-        "text_column": "question",
-        "label_column": "answer",
-        "target_modules": "all-linear",
-        "modules_to_save": [],
-        "vector_length": 64,  # SmolLM2's 576 and 192 are not multiples of 128
-        "max_length": 96,
-        "batch_size": 8,
-        "eval_batch_size": 16,  # 16 x 96 tokens x 49k-word logits is already 300 MB
-        "logits_lr": 1e-1,  # the best of a sweep on the 40-step chatterbot run (RESULTS.md)
-        "bank_lr": 2e-2,
-    },
-}
-# Per data set, the default budget (training examples, epochs) and the held-out size; the built-in
-# data sets' budgets fit a few minutes on 2 CPU cores (None: all of it).
-DATA_DEFAULTS: dict[str, dict[str, Any]] = {
-    "rotten-tomatoes": {"train_size": 4000, "epochs": 2, "test_size": 1000},
-    "chatterbot": {"train_size": 320, "epochs": 1, "test_size": 100},
-    "hamlet": {"train_size": 240, "epochs": 1, "test_size": 40},
-    "file": {"train_size": None, "epochs": 3, "test_size": 0.2},
-}
-
-
-QUANTIZE = ("nf4", "fp4", "int8")
-COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class RunError(ValueError):
-    """A bad setting or input; the message is one line that says what to change."""
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """Everything that defines a training run; ``None`` means "the task's default".
-
-    Stored in ``metrics.json`` so ``vblora eval`` rebuilds the same split and model.
-    """
-
-    task: str = SEQ_CLS
-    model: str | None = None
-    data: str | None = None
-    text_column: str | None = None
-    label_column: str | None = None
-    labels: list[str] | None = None
-    train_size: int | None = None
-    test_size: int | float | None = None
-    split_seed: int = 0
-    max_length: int | None = None
-    # VB-LoRA
-    r: int = 4
-    num_vectors: int = 64
-    vector_length: int | None = None
-    topk: int = 2
-    dropout: float = 0.0
-    init_logits_std: float = 0.1
-    init_bank_bound: float = 0.02
-    target_modules: str | list[str] | None = None
-    exclude_modules: str | list[str] | None = None
-    modules_to_save: list[str] | None = None
-    save_full_logits: bool = False
-    compact: str | None = None  # also write adapter.vblora with the bank in this precision (a name)
-    # a bitsandbytes-quantized base (QLoRA style): nf4, fp4 or int8; the adapter stays fp32
-    quantize: str | None = None
-    double_quant: bool = False  # 4-bit: quantize the block scales too
-    compute_dtype: str = "float32"  # 4-bit: the dtype of the dequantized matmul
-    # optimisation
-    epochs: int | None = None
-    batch_size: int | None = None
-    eval_batch_size: int | None = None
-    max_steps: int | None = None
-    # per task (TASK_DEFAULTS): well above the paper's 1e-2 and 1e-3, which learn far more slowly at a
-    # budget of tens to hundreds of steps (measured in benchmarks/RESULTS.md)
-    logits_lr: float | None = None
-    bank_lr: float | None = None
-    head_lr: float = 5e-3
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.06
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    # causal LM generations
-    num_generations: int = 4
-    max_new_tokens: int = 40
-
-    def resolved(self) -> RunSettings:
-        """A copy with every ``None`` replaced by the task's and the data set's default."""
-        if self.task not in TASKS:
-            raise RunError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
-        values = dataclasses.asdict(self)
-        for key, value in TASK_DEFAULTS[self.task].items():
-            if values[key] is None:
-                values[key] = value
-        kind = values["data"] if values["data"] in BUILTIN_DATA else "file"
-        for key, value in DATA_DEFAULTS[kind].items():
-            if values[key] is None:
-                values[key] = value
-        return RunSettings(**values)
-
-    def adapter_config(self, base_model_name: str) -> VBLoRAConfig:
-        """The VB-LoRA config these settings describe."""
-        task_type = "SEQ_CLS" if self.task == SEQ_CLS else "CAUSAL_LM"
-        try:
-            return VBLoRAConfig(
-                r=self.r,
-                num_vectors=self.num_vectors,
-                vector_length=self.vector_length or 0,
-                topk=self.topk,
-                target_modules=self.target_modules,
-                exclude_modules=self.exclude_modules or None,
-                modules_to_save=self.modules_to_save or None,
-                save_only_topk_weights=not self.save_full_logits,
-                vblora_dropout=self.dropout,
-                init_vector_bank_bound=self.init_bank_bound,
-                init_logits_std=self.init_logits_std,
-                task_type=task_type,
-                base_model_name_or_path=base_model_name,
-            )
-        except ValueError as err:
-            raise RunError(str(err)) from None
-
-    def check(self) -> None:
-        """Reject settings no run can use, before anything is loaded."""
-        lowest = {"epochs": 1, "eval_batch_size": 1, "num_generations": 0, "max_new_tokens": 1}
-        for name, low in lowest.items():
-            if getattr(self, name) < low:
-                raise RunError(
-                    f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}"
-                )
-        for name in ("batch_size", "max_length", "max_steps", "train_size"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise RunError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        for name in ("logits_lr", "bank_lr", "head_lr", "weight_decay", "max_grad_norm"):
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value >= 0):  # NaN fails both
-                raise RunError(f"--{name.replace('_', '-')} must be >= 0 and finite, got {value}")
-        for name in ("dropout", "init_logits_std", "init_bank_bound", "warmup_ratio", "test_size"):
-            value = getattr(self, name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise RunError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-        for name in ("seed", "split_seed"):
-            if not 0 <= getattr(self, name) < 2**63:
-                raise RunError(f"--{name.replace('_', '-')} must be in [0, 2**63), got {getattr(self, name)}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise RunError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.quantize is not None and self.quantize not in QUANTIZE:
-            raise RunError(f"--quantize must be one of {', '.join(QUANTIZE)} or none, got {self.quantize!r}")
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            raise RunError(
-                f"--compute-dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}"
-            )
-        if self.compact is not None and self.compact not in COMPACT_BANK_DTYPES:
-            raise RunError(f"--compact must be one of {', '.join(COMPACT_BANK_DTYPES)}, got {self.compact!r}")
-
-
-# --------------------------------------------------------------------------- data
-
-
-@dataclass
-class TaskData:
-    """The encoded train and test sets, plus what generation and reporting need."""
-
-    train: D.Encoded
-    test: D.Encoded
-    label_names: list[str] = field(default_factory=list)
-    prompts: list[str] = field(default_factory=list)  # causal LM: held-out prompts to generate from
-    references: list[str] = field(default_factory=list)
-
-
-def is_builtin(data: str) -> bool:
-    return data in BUILTIN_DATA
-
-
-def load_examples(s: RunSettings) -> tuple[list[Any], list[str]]:
-    """The raw examples of ``s.data`` for ``s.task``: (TextExample or QAPair or text, label names)."""
-    assert s.data is not None and s.text_column is not None and s.label_column is not None
-    if s.task == SEQ_CLS:
-        if s.data == "rotten-tomatoes":
-            return D.load_rotten_tomatoes()
-        if is_builtin(s.data):
-            raise RunError(f"--data {s.data} is a causal-LM corpus, for a --task causal-lm run")
-        return D.load_table(s.data, s.text_column, s.label_column, s.labels)
-    if s.data == "chatterbot":
-        return D.load_chatterbot(), []
-    if s.data == "hamlet":
-        return [D.load_hamlet()], []
-    if is_builtin(s.data):
-        raise RunError(
-            f"--data {s.data} is a classification data set, for a --task seq-cls run, not causal-lm"
-        )
-    return load_qa_table(s.data, s.text_column, s.label_column), []
-
-
-def load_qa_table(path: str, prompt_column: str, answer_column: str) -> list[D.QAPair]:
-    """Prompt/answer pairs from a CSV/TSV/JSONL file (the text and label columns of the causal-LM task)."""
-    p = pathlib.Path(path)
-    rows = D.read_rows(p)
-    pairs = []
-    for line, row in rows:
-        for column, flag in ((prompt_column, "text"), (answer_column, "label")):
-            if column not in row:
-                columns = ", ".join(c for c in row if isinstance(c, str))
-                raise RunError(
-                    f"{p}:{line}: no column '{column}'; columns are: {columns}; pass --{flag}-column"
-                )
-        question, answer = row[prompt_column], row[answer_column]
-        if not (
-            isinstance(question, str) and isinstance(answer, str) and question.strip() and answer.strip()
-        ):
-            raise RunError(f"{p}:{line}: prompt and answer must be non-empty strings")
-        pairs.append(D.QAPair(question.strip(), answer.strip()))
-    if not pairs:
-        raise RunError(f"{p}: the file holds no examples")
-    return pairs
-
-
-def prepare_data(
-    s: RunSettings, tokenizer: PreTrainedTokenizerBase, examples: list[Any], label_names: list[str]
-) -> TaskData:
-    """Split ``examples`` (seeded), cap the training set at ``train_size`` and tokenise both sides."""
-    assert s.test_size is not None and s.max_length is not None
-    if s.data == "hamlet":
-        return _prepare_blocks(s, tokenizer, examples[0])
-    train, test = D.split_examples(examples, s.test_size, s.split_seed)
-    train = train[: s.train_size] if s.train_size else train
-    if s.task == SEQ_CLS:
-        encoded_train = D.encode_classification(train, tokenizer, s.max_length)
-        return TaskData(encoded_train, D.encode_classification(test, tokenizer, s.max_length), label_names)
-    return TaskData(
-        D.encode_chat_sft(train, tokenizer, s.max_length),
-        D.encode_chat_sft(test, tokenizer, s.max_length),
-        prompts=[p.question for p in test],
-        references=[p.answer for p in test],
-    )
-
-
-def _prepare_blocks(s: RunSettings, tokenizer: PreTrainedTokenizerBase, text: str) -> TaskData:
-    """Language modelling on one long text: blocks of ``max_length`` tokens, split (seeded)."""
-    assert s.test_size is not None and s.max_length is not None
-    blocks = D.encode_lm_chunks(text, tokenizer, s.max_length)
-    train_idx, test_idx = D.split_examples(list(range(len(blocks))), s.test_size, s.split_seed)
-    train_idx = train_idx[: s.train_size] if s.train_size else train_idx
-    test = _subset(blocks, test_idx)
-    cut = min(32, s.max_length // 2)  # prompt: the first tokens of a held-out block; reference: the rest
-    prompts = [tokenizer.decode(ids[:cut]) for ids in test.input_ids]
-    references = [tokenizer.decode(ids[cut:]) for ids in test.input_ids]
-    return TaskData(_subset(blocks, train_idx), test, prompts=prompts, references=references)
-
-
-def _subset(encoded: D.Encoded, indices: list[int]) -> D.Encoded:
-    labels = [encoded.labels[i] for i in indices]
-    return D.Encoded([encoded.input_ids[i] for i in indices], labels, encoded.pad_token_id)
-
-
-def by_length(encoded: D.Encoded) -> D.Encoded:
-    """The same examples sorted by length, so evaluation batches carry little padding."""
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded.input_ids[i]))
-    return _subset(encoded, order)
-
-
-# --------------------------------------------------------------------------- model
-
-
-def resolve_model_path(name: str) -> str:
-    """A local folder for the packaged aliases, else the name as given (a folder or a hub name)."""
-    if name == "minilm":
-        return str(D.minilm_path())
-    if name == "smollm2":
-        return str(D.smollm2_path())
-    path = pathlib.Path(name).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise RunError(f"--model {name}: the folder has no config.json; pass a transformers model folder")
-        return str(path)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
-        raise RunError(f"--model {name}: no such folder; pass a local model folder, 'minilm' or 'smollm2'")
-    return name  # a hub-style name: loaded from the local Hugging Face cache, never downloaded
-
-
-def load_base_model(
-    task: str,
-    name: str,
-    num_labels: int = 2,
-    label_names: list[str] | None = None,
-    quantization: RunSettings | None = None,
-) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """The transformers model for ``task`` and its tokenizer, in float32 and eval mode; quantized by
-    bitsandbytes as ``quantization``'s ``quantize`` says (if set)."""
-    model, tokenizer, _ = load_base_model_and_new_modules(task, name, num_labels, label_names, quantization)
-    return model, tokenizer
-
-
-def quantization_kwargs(s: RunSettings | None) -> dict[str, Any]:
-    """``from_pretrained`` arguments that load the base quantized by bitsandbytes (on the CPU, where
-    the layers are quantized; a run on a GPU moves them), or none."""
-    if s is None or s.quantize is None:
-        return {}
-    try:
-        import bitsandbytes  # noqa: F401  (lazy: heavy, optional)
-        from transformers import BitsAndBytesConfig
-    except ImportError as err:
-        raise RunError(
-            f"--quantize {s.quantize} needs bitsandbytes ({err}); pip install 'vblora[quant]'"
-        ) from None
-    if s.quantize == "int8":
-        config = BitsAndBytesConfig(load_in_8bit=True)
-    else:
-        config = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=s.quantize,
-            bnb_4bit_use_double_quant=s.double_quant,
-            bnb_4bit_compute_dtype=COMPUTE_DTYPES[s.compute_dtype],
-        )
-    return {"quantization_config": config, "device_map": "cpu"}
-
-
-def load_base_model_and_new_modules(
-    task: str,
-    name: str,
-    num_labels: int = 2,
-    label_names: list[str] | None = None,
-    quantization: RunSettings | None = None,
-) -> tuple[nn.Module, PreTrainedTokenizerBase, list[str]]:
-    """As :func:`load_base_model`, and the modules the checkpoint did not hold (freshly initialised:
-    a new classifier head, or one whose label count differs from the checkpoint's)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    path = resolve_model_path(name)
-    dtype = {D.dtype_kwarg(): torch.float32}  # `dtype` since transformers 4.56, `torch_dtype` before
-    dtype.update(quantization_kwargs(quantization))
-    try:
-        # never download: a hub-style name must already be in the local Hugging Face cache
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        if task == SEQ_CLS:
-            names = label_names or [str(i) for i in range(num_labels)]
-            model, info = AutoModelForSequenceClassification.from_pretrained(
-                path,
-                num_labels=len(names),
-                id2label=dict(enumerate(names)),
-                label2id={n: i for i, n in enumerate(names)},
-                ignore_mismatched_sizes=True,  # a head for another label count is replaced by a new one
-                output_loading_info=True,
-                local_files_only=True,
-                **dtype,
-            )
-        else:
-            model, info = AutoModelForCausalLM.from_pretrained(
-                path, local_files_only=True, output_loading_info=True, **dtype
-            )
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        if path == name and not pathlib.Path(name).exists():
-            raise RunError(
-                f"--model {name}: not a local folder and not in the local Hugging Face cache (vblora never "
-                "downloads); pass a local model folder, 'minilm' or 'smollm2'"
-            ) from None
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise RunError(f"--model {name}: could not load it with transformers ({first})") from None
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = D.pad_token_id(tokenizer)  # classifiers find the last token by padding
-    mismatched = (k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ()))
-    new_modules = sorted({key.rsplit(".", 1)[0] for key in (*info.get("missing_keys", ()), *mismatched)})
-    return model.eval(), tokenizer, new_modules
-
-
-def wrap_model(base: nn.Module, config: VBLoRAConfig) -> VBLoRAModel:
-    """Inject VB-LoRA; configuration problems (targets, divisibility) become RunErrors."""
-    try:
-        return VBLoRAModel(base, config)
-    except (ValueError, TypeError) as err:
-        raise RunError(str(err)) from None
-
-
-# --------------------------------------------------------------------------- optimisation
+# The settings and the task data are this module's names too (``loop.RunSettings``, ``loop.prepare_data``):
+# the command line and the benchmarks read the whole run through one module.
+from .settings import BUILTIN_DATA as BUILTIN_DATA
+from .settings import CAUSAL_LM as CAUSAL_LM
+from .settings import COMPUTE_DTYPES as COMPUTE_DTYPES
+from .settings import DATA_DEFAULTS as DATA_DEFAULTS
+from .settings import MODEL_ALIASES as MODEL_ALIASES
+from .settings import QUANTIZE as QUANTIZE
+from .settings import SEQ_CLS as SEQ_CLS
+from .settings import TASK_DEFAULTS as TASK_DEFAULTS
+from .settings import TASKS as TASKS
+from .settings import RunError as RunError
+from .settings import RunSettings as RunSettings
+from .tasks import TaskData as TaskData
+from .tasks import _subset
+from .tasks import by_length as by_length
+from .tasks import is_builtin as is_builtin
+from .tasks import load_base_model as load_base_model
+from .tasks import load_base_model_and_new_modules as load_base_model_and_new_modules
+from .tasks import load_examples as load_examples
+from .tasks import load_qa_table as load_qa_table
+from .tasks import prepare_data as prepare_data
+from .tasks import quantization_kwargs as quantization_kwargs
+from .tasks import resolve_model_path as resolve_model_path
+from .tasks import wrap_model as wrap_model
 
 
 def make_optimizer(model: VBLoRAModel, s: RunSettings) -> torch.optim.Optimizer:
