@@ -86,3 +86,11 @@ def test_inspect_of_corrupt_indices_is_one_line(tmp_path: Path) -> None:
     code, out, err = run("inspect", tmp_path)
     one_line_error(code, err, 2, "out of range")
     assert out == ""
+
+
+def test_an_output_in_a_symlink_loop_is_one_line(assets: Path, tmp_path: Path) -> None:  # noqa: F811
+    loop = tmp_path / "loop"
+    loop.symlink_to("loop")
+    code, _, err = run(*bert_args(assets, loop / "run"))
+    one_line_error(code, err, 2, "cannot be resolved")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loop"]

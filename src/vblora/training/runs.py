@@ -36,7 +36,10 @@ COMPACT_NAME = "adapter.vblora"  # written next to adapter/ by `vblora train --c
 def check_output(path: pathlib.Path, overwrite: bool, keep: tuple[pathlib.Path, ...] = ()) -> None:
     """Refuse an output that cannot be written, or an existing one (unless ``overwrite``), before any
     work is done. ``keep``: inputs the output must not replace (the run being merged)."""
-    target = path.expanduser().resolve()
+    try:
+        target = path.expanduser().resolve()
+    except (RuntimeError, OSError) as err:  # RuntimeError: a symbolic link loop (Python < 3.13)
+        raise RunError(f"--output {path}: cannot be resolved ({err}); choose another --output") from None
     if path.exists() and not path.is_dir():
         raise RunError(f"--output {path} exists and is not a folder; choose another --output")
     anchor = existing_ancestor(target.parent)  # where the output is created, or renamed into place
