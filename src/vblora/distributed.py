@@ -29,3 +29,8 @@ def writer_rank(sharded: bool) -> bool:
     if not sharded:
         return True
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def several_processes() -> bool:
+    """Whether a process group of more than one process runs (other ranks may write beside us)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

@@ -14,8 +14,10 @@ content or the complete new one, never a mix:
 Temporaries are named ``.<name>.<random>.tmp`` / ``.partial`` and locked (``flock``) while in use,
 so the next write to the same place removes those a killed process left, and never a live one.
 Where the exchange is not available (not Linux, another file system under the target, a target
-with more than :data:`MAX_CARRIED` entries, or no permission to create the sibling) the files are
-renamed into place one by one: each file is whole, but a crash between two renames can mix them.
+with more than :data:`MAX_CARRIED` entries, no permission to create the sibling) or not safe (a
+process group of several ranks runs: another rank may be writing its own files into the folder)
+the files are renamed into place one by one: each file is whole, but a crash between two renames
+can mix them.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
+
+from ..distributed import several_processes
 
 MAX_CARRIED = 10_000  # entries of a target carried into its replacement before giving up the swap
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
@@ -286,8 +290,8 @@ class _CannotSwap(Exception):
 def _swap_folder(unit: Path, files: dict[Path, bytes]) -> bool:
     """Write ``unit`` anew as a sibling folder and exchange the two; False if that is not possible
     here (nothing was changed then)."""
-    if _LIBC is None or (unit.exists() and _count(unit) > MAX_CARRIED):
-        return False
+    if _LIBC is None or several_processes() or (unit.exists() and _count(unit) > MAX_CARRIED):
+        return False  # other ranks may write files into the folder now (a Trainer's rng states)
     remove_leftovers(unit.parent, unit)
     with contextlib.ExitStack() as stack:
         try:
