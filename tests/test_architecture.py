@@ -123,10 +123,11 @@ def _imports(module: str) -> list[tuple[ast.AST, bool, str, str | None]]:
 
 def _is_type_checking_block(module: str, node: ast.AST) -> bool:
     tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
+    line = getattr(node, "lineno", -1)
     for block in ast.walk(tree):
-        if isinstance(block, ast.If) and ast.unparse(block.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
-            if any(n is node or (getattr(n, "lineno", -1) == getattr(node, "lineno", -2)) for n in ast.walk(block)):
-                return True
+        guarded = isinstance(block, ast.If) and ast.unparse(block.test).endswith("TYPE_CHECKING")
+        if guarded and any(getattr(n, "lineno", -2) == line for n in ast.walk(block)):
+            return True
     return False
 
 
