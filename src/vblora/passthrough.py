@@ -31,7 +31,8 @@ class BaseModelMethods:
 
     @property
     def config(self) -> Any:
-        return getattr(self.model, "config", None)
+        """The base model's config; a model without one has no ``config`` here either (as PEFT)."""
+        return self.model.config
 
     def activation_checkpointing_enable(
         self, activation_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any

@@ -19,7 +19,21 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-PEFT_TYPE = "VBLORA"
+
+class PeftTypeName(str):
+    """``"VBLORA"`` with the ``value`` and ``name`` of PEFT's ``PeftType`` enum member (it is a
+    ``str``, so it compares equal to ``PeftType.VBLORA`` and is written to JSON as a string)."""
+
+    @property
+    def value(self) -> str:
+        return str.__str__(self)
+
+    @property
+    def name(self) -> str:
+        return str.__str__(self)
+
+
+PEFT_TYPE = PeftTypeName("VBLORA")
 CONFIG_FILE = "adapter_config.json"
 # PEFT's TaskType values, in its order (its error message lists them so).
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
@@ -236,7 +250,10 @@ class VBLoRAConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known - _PEFT_ONLY_KEYS)
         if unknown:
-            warnings.warn(f"VBLoRAConfig: ignoring unknown keys {unknown}", stacklevel=2)
+            warnings.warn(  # PEFT's wording
+                f"Unexpected keyword arguments {unknown} for class VBLoRAConfig, these are ignored.",
+                stacklevel=2,
+            )
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def to_json(self) -> str:
@@ -281,6 +298,11 @@ class VBLoRAConfig:
         if not os.path.isfile(path):
             raise ValueError(f"{path}: no such file (vblora reads local directories only, never the hub)")
         data = cls.from_json_file(path)
+        if "peft_type" not in data:  # not a PEFT config at all (PEFT's check and wording)
+            raise TypeError(
+                f"The {cls.__name__} config that is trying to be loaded is missing required keys: "
+                "{'peft_type'}."
+            )
         hub_only = {"cache_dir", "token", "force_download", "local_files_only"}
         return cls.from_dict({**data, **{k: v for k, v in kwargs.items() if k not in hub_only}})
 

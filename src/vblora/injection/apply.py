@@ -44,7 +44,7 @@ def inject(root: nn.Module, plan: AdapterPlan, bank: AdapterBank, active: tuple[
             set_submodule(root, path, layer)
         layer.add_adapter(plan.name, bank, plan.config.vblora_dropout)
         if active:
-            layer.active_adapters = tuple(n for n in active if n in layer.banks)
+            layer.active_adapters = active  # names the layer lacks are skipped in its forward
     for path in plan.save_paths:
         wrapper = root.get_submodule(path)
         if not isinstance(wrapper, ModulesToSaveWrapper):

@@ -150,10 +150,10 @@ class VBLoRALayer(nn.Module):
 
     def set_adapter(self, adapter_names: str | list[str]) -> None:
         """Apply these adapters in this layer only (PEFT's per-layer call; names this layer lacks
-        are skipped). Trainability stays the model's: one bank serves every layer, so only the
-        model's ``set_adapter`` changes it."""
+        are kept and skipped, as in PEFT). Trainability stays the model's: one bank serves every
+        layer, so only the model's ``set_adapter`` changes it."""
         names = (adapter_names,) if isinstance(adapter_names, str) else tuple(dict.fromkeys(adapter_names))
-        self._active = tuple(n for n in names if n in self.banks)
+        self._active = names
 
     @property
     def disable_adapters(self) -> bool:
