@@ -380,7 +380,7 @@ def test_an_inference_only_adapter_keeps_its_selection_not_the_logits_table(base
         assert bank.topk_indices.shape == bank.topk_weights.shape == (trained.num_subvectors, trained.topk)
         assert bank.num_subvectors == trained.num_subvectors
         want, _ = trained.selection()
-        assert torch.equal(bank.topk_indices.sort(-1).values, want.sort(-1).values)
+        assert torch.equal(bank.topk_indices.long().sort(-1).values, want.long().sort(-1).values)
         assert _rel(_out(served), ref) <= tol
     ref = _out(served)  # the compact file's adapter, from here on
     for topk in (True, False):  # re-saved either way, it serves the same, in ours and in PEFT

@@ -42,6 +42,17 @@ class Slot:
         return self.b_offset + self.b_rows
 
 
+def smallest_index_dtype(num_vectors: int) -> torch.dtype:
+    """The smallest integer dtype that holds every index of a bank of ``num_vectors`` vectors."""
+    if num_vectors <= 2**8:
+        return torch.uint8
+    if num_vectors <= 2**15:
+        return torch.int16
+    if num_vectors <= 2**31:
+        return torch.int32
+    return torch.int64
+
+
 def build_layout(shapes: Iterable[tuple[str, int, int]], r: int, vector_length: int) -> dict[str, Slot]:
     """Assign table rows to modules in order: A rows (r, in/b), then B rows (out/b, r)."""
     layout: dict[str, Slot] = {}
@@ -133,7 +144,8 @@ class AdapterBank(nn.Module):
         """Serve from a fixed selection, (P, k) indices and their (P, k) softmax weights, and drop
         the (P, h) logits: for inference-only adapters (top-k checkpoints, compact files)."""
         device = self.bank.device
-        self.topk_indices = indices.to(device, torch.long)
+        # the smallest integer type that addresses the bank: 2 bytes a sub-vector at h <= 256
+        self.topk_indices = indices.to(device, smallest_index_dtype(self.num_vectors))
         self.topk_weights = weights.to(device, self.bank.dtype)
         self.logits = nn.Parameter(self.bank.new_empty(0, self.num_vectors), requires_grad=False)
         self.inference_only = True
@@ -142,7 +154,7 @@ class AdapterBank(nn.Module):
     def selection(self) -> tuple[Tensor, Tensor]:
         """The (P, k) indices and (P, k) softmax weights that compose every sub-vector."""
         if self.topk_indices is not None:
-            return self.topk_indices, self.topk_weights.float()
+            return self.topk_indices.long(), self.topk_weights.float()
         return VF.topk_compress(self.logits.detach(), self.topk)
 
     def full_logits(self) -> Tensor:
