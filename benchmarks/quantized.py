@@ -4,6 +4,7 @@ Run from the repository root (bitsandbytes installed: ``pip install -e ".[quant,
 
     python benchmarks/quantized.py                 # everything (about 30 minutes on 2 busy CPU cores)
     python benchmarks/quantized.py --quick         # the Llama-shaped case only, no demo runs
+    python benchmarks/quantized.py --parts speed,merge --no-smollm2   # what RESULTS.md shows
     python benchmarks/quantized.py --threads 1 --clock cpu   # steadier on a shared machine
 
 1. Speed and memory, for fp32, nf4 and int8 bases (every projection quantized, the embeddings
@@ -155,10 +156,7 @@ def bench_case(case: speed.Case, quant: str, setup: speed.Setup) -> list[speed.R
     infer = {n: speed.make_infer_step(m, case.batch) for n, m in models.items()}
     rows.append(speed.timing_row(name, "inference forward", speed.alternate(infer, setup.rounds, setup)))
     for row in rows:
-        print(
-            f"   {row.metric}: " + ", ".join(f"{k} {v:.1f} {row.unit}" for k, v in row.values.items()),
-            flush=True,
-        )
+        speed.report(row)
     return rows
 
 
@@ -383,8 +381,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--no-smollm2", action="store_true", help="skip the SmolLM2 case")
-    parser.add_argument("--no-demo", action="store_true", help="skip the two causal-LM demo runs")
+    parser.add_argument(
+        "--parts", default="speed,merge,demo", help="comma-separated: speed, merge, demo (default: all)"
+    )
+    parser.add_argument("--no-smollm2", action="store_true", help="skip the SmolLM2 speed case")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     setup = speed.Setup(
@@ -407,13 +407,18 @@ def main() -> None:
     started = time.perf_counter()
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its per-call int8 casting notices
     warnings.filterwarnings("ignore", category=FutureWarning)
+    parts = set(args.parts.split(","))
     cases = [llama_case(setup)]
     if not (args.quick or args.no_smollm2):
         cases.append(smollm2_case(setup))
-    rows = [row for case in cases for quant in QUANTS for row in bench_case(case, quant, setup)]
-    print("\n== merging (Llama-shaped case)", flush=True)
-    merges = merge_rows(cases[0], (0.005, 0.1) if args.quick else (0.005, 0.02, 0.1))
-    demo = {} if (args.quick or args.no_demo) else demo_runs(args.threads)
+    rows = []
+    if "speed" in parts:
+        rows = [row for case in cases for quant in QUANTS for row in bench_case(case, quant, setup)]
+    merges = []
+    if "merge" in parts:
+        print("\n== merging (Llama-shaped case)", flush=True)
+        merges = merge_rows(cases[0], (0.005, 0.1) if args.quick else (0.005, 0.02, 0.1))
+    demo = {} if (args.quick or "demo" not in parts) else demo_runs(args.threads)
     print_tables(rows, merges, demo)
     print(f"\n({time.perf_counter() - started:.0f} s)")
 

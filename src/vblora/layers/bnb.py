@@ -85,9 +85,6 @@ class QuantizedKind:
             raise ValueError(f"{type(module).__name__}: no requantized merge to undo")
         self._load_state(module, saved.pop())
 
-    def requantized(self, module: nn.Module) -> bool:
-        return bool(module.__dict__.get(_SAVED))
-
     def to_linear(self, module: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Linear:
         """A plain ``nn.Linear`` holding dequant(W) in ``dtype`` (and the bias), on the same device."""
         weight = self.dense_weight(module)
@@ -172,11 +169,12 @@ class Linear8bitKind(QuantizedKind):
         data = module.weight.data
         if data.dtype != torch.int8:  # fp16 weights, or not quantized yet
             return data.float()
-        scales = self._scales(module)
+        scales = self.scales(module)
         return data.float() * (scales.float().unsqueeze(1) / 127.0)
 
     @staticmethod
-    def _scales(module: nn.Module) -> Tensor:
+    def scales(module: nn.Module) -> Tensor:
+        """The (out,) row scales (SCB), wherever bitsandbytes keeps them now."""
         # bitsandbytes moves CB/SCB from the weight to the layer's state on the first forward
         scales = getattr(module.weight, "SCB", None)
         return scales if scales is not None else module.state.SCB
