@@ -41,7 +41,7 @@ TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS
 PEFT_FORMAT_VERSION = "0.21.2"
 _BIAS_CHOICES = ("none", "all", "vblora_only")
 # Keys PEFT writes that carry no meaning for us; read silently.
-_PEFT_ONLY_KEYS = frozenset({"auto_mapping", "runtime_config"})
+_PEFT_ONLY_KEYS = frozenset({"runtime_config"})
 
 
 def peft_version() -> str:
@@ -145,6 +145,7 @@ class VBLoRAConfig:
     inference_mode: bool = field(default=False, compare=False)
     peft_type: str = field(default=PEFT_TYPE, compare=False)
     peft_version: str | None = field(default=None, compare=False)
+    auto_mapping: dict[str, Any] | None = field(default=None, compare=False)  # PEFT's; kept as read
 
     # PEFT's class attributes: VB-LoRA is not a prompt-learning method.
     is_prompt_learning = False
@@ -183,6 +184,8 @@ class VBLoRAConfig:
         for name in ("task_type", "base_model_name_or_path", "revision", "peft_version"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ValueError(f"VBLoRAConfig: {name} must be a string, got {getattr(self, name)!r}")
+        if self.auto_mapping is not None and not isinstance(self.auto_mapping, dict):
+            raise ValueError(f"VBLoRAConfig: auto_mapping must be a JSON object, got {self.auto_mapping!r}")
         if self.task_type is not None and self.task_type not in TASK_TYPES:  # PEFT's message
             raise ValueError(
                 f"Invalid task type: '{self.task_type}'. Must be one of the following task types: "

@@ -9,6 +9,7 @@ adapter into ``<dir>/<name>/``, as PEFT does.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import warnings
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ class AdapterExport:
     config: VBLoRAConfig  # as written: inference_mode=True, fan_in_fan_out per the layers
     bank: AdapterBank
     aux: dict[str, Tensor]  # modules_to_save copies and trained biases, under PEFT's keys
+    model_name: str | None = None  # the base model's config._name_or_path; None: it has no config
 
 
 def export_adapter(
@@ -87,7 +89,8 @@ def export_adapter(
         changes.setdefault("base_model_name_or_path", name_or_path)
     # PEFT records Conv1D targets as fan_in_fan_out=True
     saved = dataclasses.replace(config, fan_in_fan_out=fan_in_fan_out, inference_mode=True, **changes)
-    return AdapterExport(name, saved, bank, aux)
+    model_name = getattr(getattr(root, "config", None), "_name_or_path", None)
+    return AdapterExport(name, saved, bank, aux, model_name if isinstance(model_name, str) else None)
 
 
 def module_logits(logits: Tensor, slot: Slot) -> tuple[Tensor, Tensor]:
@@ -134,8 +137,8 @@ def model_card(exports: list[AdapterExport]) -> bytes:
     """A minimal ``README.md`` in the shape of PEFT's model card (the hub and vLLM read its header)."""
     bases = sorted({e.config.base_model_name_or_path for e in exports if e.config.base_model_name_or_path})
     header = ["---", "library_name: peft"]
-    if bases:
-        header.append(f"base_model: {bases[0]}")
+    if exports[0].model_name is not None:  # as PEFT: the model's own name, for models with a config
+        header.append(f"base_model: {json.dumps(exports[0].model_name)}")
     header += ["tags:", *[f"- base_model:adapter:{b}" for b in bases], "- vblora", "---", ""]
     names = ", ".join(e.name for e in exports)
     body = [
