@@ -159,7 +159,10 @@ def test_train_writes_adapter_metrics_and_plot(trained: Path) -> None:
     config = json.loads((trained / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "VBLORA" and config["save_only_topk_weights"] is True
     assert config["modules_to_save"] == ["classifier", "score"] and config["vector_length"] == 32
-    assert config["target_modules"] == "all-linear" and config["task_type"] == "SEQ_CLS"
+    # "all-linear" is saved resolved, as PEFT saves it: the adapted layers' paths, the head left out
+    targets = config["target_modules"]
+    assert "bert.encoder.layer.0.attention.self.query" in targets and "classifier" not in targets
+    assert config["task_type"] == "SEQ_CLS"
     assert m["metric"] == "accuracy" and [e["step"] for e in m["evals"]] == [0, 4, 8]  # 30 examples / 8
     assert m["steps"] == len(m["losses"]) == 8 and all(0 < loss < 5 for loss in m["losses"])
     assert m["before"] == m["evals"][0]["accuracy"] and m["after"] == m["evals"][-1]["accuracy"]
@@ -384,7 +387,7 @@ BAD_INPUTS = {
     "missing model": (["--model", "{assets}/no-such-model"], "no such folder"),
     "model folder without config": (["--model", "{assets}"], "no config.json"),
     "hub name not cached": (["--model", "no-such-org/no-such-model"], "not in the local Hugging Face cache"),
-    "vector_length does not divide": (["--vector-length", "48"], "not divisible by vector_length 48"),
+    "vector_length does not divide": (["--vector-length", "48"], "must be divisible by `vector_length` 48"),
     "zero epochs": (["--epochs", "0"], "--epochs must be at least 1"),
     "topk above num_vectors": (["--topk", "32"], "exceeds num_vectors"),
     "modules_to_save match nothing": (["--modules-to-save", "clasifier"], "matched no module"),
