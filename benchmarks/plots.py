@@ -1,6 +1,6 @@
 """Plots for the docs, drawn from recorded results (benchmarks/RESULTS.md), not from new runs.
 
-    python benchmarks/plots.py        # writes docs/img/accuracy_vs_bytes.png
+    python benchmarks/plots.py        # writes docs/img/accuracy_vs_bytes.png and serving_batch.png
 
 The numbers below are the means of RESULTS.md § "Accuracy (MiniLM / Rotten Tomatoes)" (seeds 42–47
 for the rank-1 LoRAs and VB-LoRA r=8 at equal bytes, 12 seeds for the r=8 LoRAs): held-out accuracy
@@ -28,6 +28,30 @@ ACCURACY = [
     ("LoRA r=8 query/value", 294_912, 80.6, "lora"),
     ("LoRA r=8 all linear", 1_351_680, 81.2, "lora"),
 ]
+
+
+# RESULTS.md § "Serving many adapters" (2026-12-07): a 32-row decode batch on SmolLM2-135M, one
+# thread, 16 new tokens, load average 9-12: tokens/s by how many adapters the rows use.
+SERVING_BATCH = [
+    ("base model", 27),
+    ("1 adapter", 25),
+    ("32 adapters, per-adapter loop\n(0.31x, an earlier run)", 25 * 0.31),
+    ("32 adapters", 17),
+]
+
+
+def serving_batch(path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7.5, 3.4), dpi=110)
+    labels = [label for label, _ in SERVING_BATCH]
+    values = [value for _, value in SERVING_BATCH]
+    bars = ax.barh(labels, values, color=["tab:gray", "tab:blue", "tab:red", "tab:blue"])
+    ax.bar_label(bars, fmt="%.1f", padding=3, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("tokens/s, one 32-row batch (CPU, 1 thread)")
+    ax.set_title("SmolLM2-135M decoding: 32 rows")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def accuracy_vs_bytes(path: Path) -> None:
@@ -58,4 +82,5 @@ def accuracy_vs_bytes(path: Path) -> None:
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
     accuracy_vs_bytes(OUT / "accuracy_vs_bytes.png")
-    print(f"wrote {OUT / 'accuracy_vs_bytes.png'}")
+    serving_batch(OUT / "serving_batch.png")
+    print(f"wrote {OUT / 'accuracy_vs_bytes.png'} and {OUT / 'serving_batch.png'}")
