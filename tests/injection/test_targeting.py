@@ -194,7 +194,8 @@ def test_unsupported_module_type() -> None:
 def test_indivisible_dimensions_name_module_shape_and_fix() -> None:
     base = MLP()
     before = {k: v.clone() for k, v in base.state_dict().items()}
-    with pytest.raises(ValueError, match=r"lin0: `in_features` 10 must be divisible by `vector_length` 4.*e\.g\."):
+    message = r"lin0: `in_features` 10 must be divisible by `vector_length` 4.*e\.g\."
+    with pytest.raises(ValueError, match=message):
         get_vblora_model(base, cfg(target_modules=["lin1", "lin0"], vector_length=4))
     # Nothing was wrapped and no weight changed.
     assert adapted(base) == []
