@@ -156,6 +156,7 @@ def plan_adapter(
         plan.add_problem(str(err), type(err))
         return plan
     shapes = []
+    indivisible: list[str] = []
     for path in targets:
         base = unwrapped(root.get_submodule(path))
         kind = kind_of(base)
@@ -163,11 +164,14 @@ def plan_adapter(
         in_features, out_features = kind.features(base)
         problem = divisibility_problem(path, in_features, out_features, config.vector_length)
         if problem:
-            plan.add_problem(problem)
+            indivisible.append(problem)
             continue
         if config.fan_in_fan_out and not kind.fan_in_fan_out:  # Conv1D with the default False is silent
             plan.flipped.append(path)
         shapes.append((path, in_features, out_features))
+    if indivisible:  # one problem, not one per layer: a wrong vector_length usually hits them all
+        more = len(indivisible) - 1
+        plan.add_problem(indivisible[0] + (f" ({more} more layer(s) likewise)" if more else ""))
     plan.targets = [path for path, _, _ in shapes]
     plan.layout = build_layout(shapes, config.r, config.vector_length)
     problem = size_problem(plan)
