@@ -289,10 +289,8 @@ class CheckpointMethods:
 
     def _install(self, loaded: Loaded, trainable: bool) -> None:
         name = loaded.plan.name
-        if name not in self.peft_config:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="fan_in_fan_out=")
-                self._inject(loaded.plan, initialise=False, trainable=trainable)  # filled below
+        if name not in self.peft_config:  # _inject warns of nothing: no fan_in_fan_out filter here
+            self._inject(loaded.plan, initialise=False, trainable=trainable)  # filled below
         self._fill(name, loaded)
         self.vblora_banks[name].inference_only = loaded.inference_only
 
