@@ -312,7 +312,7 @@ class CheckpointMethods:
             bank.logits.copy_(loaded.logits)
         for path, state in loaded.copies.items():
             self.model.get_submodule(path).modules_to_save[name].load_state_dict(state)
-        params = base_parameters(self.model, [])
+        params = base_parameters(self.model, []) if loaded.biases else {}
         for key, value in loaded.biases.items():
             params[key].copy_(value)
         for path, value in loaded.base_weights.items():

@@ -255,7 +255,7 @@ class VBLoRAModel(CheckpointMethods, BaseModelMethods, nn.Module):
                 )
         previous, self.adapters.active = self.adapters.active, names
         for layer in self.vblora_layers():
-            layer.active_adapters = names  # as PEFT: names the layer lacks are kept, and skipped
+            layer.set_adapter(list(names))  # as PEFT: names the layer lacks are kept, and skipped
         # Inactive adapters are frozen already: only the previous and the new active ones change,
         # so switching costs the same with thousands of adapters loaded as with two.
         for wrapper in wrappers:

@@ -72,17 +72,29 @@ def _table_plan(layout: dict[str, Slot], rows: int) -> tuple[Tensor | None, list
     so that B^T is one contiguous ``(r, out)`` block and B a free transposed view (``None``: nothing
     moves). Each module owns two consecutive segments, A then B; rows no module uses get their own.
     """
-    order, sizes, index, cursor = torch.arange(rows), [], {}, 0
+    sizes: list[int] = []
+    index: dict[str, int] = {}
+    starts, blocks, ranks = [], [], []  # every module's B block: first row, out/b, r
+    cursor = 0
     for path, s in sorted(layout.items(), key=lambda item: item[1].a_offset):
         if s.a_offset > cursor:
             sizes.append(s.a_offset - cursor)
         index[path] = len(sizes)
         sizes += [s.b_offset - s.a_offset, s.b_rows]
-        block = torch.arange(s.b_offset, s.end).view(s.out_features // s.vector_length, s.r)
-        order[s.b_offset : s.end] = block.T.reshape(-1)  # (out/b, r) -> (r, out/b)
+        starts.append(s.b_offset)
+        blocks.append(s.out_features // s.vector_length)
+        ranks.append(s.r)
         cursor = s.end
     if rows > cursor:
         sizes.append(rows - cursor)
+    order = torch.arange(rows)
+    if starts:  # all blocks at once (a serving load plans hundreds of modules)
+        start, nb, r = torch.tensor(starts), torch.tensor(blocks), torch.tensor(ranks)
+        counts = nb * r
+        block = torch.repeat_interleave(torch.arange(len(starts)), counts)
+        j = torch.arange(int(counts.sum())) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+        # row j of the rank-major (r, out/b) block is row (j % (out/b), j // (out/b)) of (out/b, r)
+        order[start[block] + j] = start[block] + (j % nb[block]) * r[block] + j // nb[block]
     return (None if order.equal(torch.arange(rows)) else order), sizes, index
 
 

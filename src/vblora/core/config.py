@@ -8,6 +8,7 @@ afterwards (it is a frozen dataclass; use :func:`dataclasses.replace` to derive 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.metadata
 import json
 import math
@@ -49,9 +50,8 @@ def peft_version() -> str:
     not imported), else the PEFT release whose format is written. A dev version is ambiguous, and
     no commit hash can be read without importing PEFT: recorded as ``<version>@UNKNOWN`` with a
     warning, as PEFT does when it cannot find the commit."""
-    try:
-        version = importlib.metadata.version("peft")
-    except importlib.metadata.PackageNotFoundError:
+    version = _installed_peft()
+    if version is None:
         return PEFT_FORMAT_VERSION
     if "dev" in version:
         warnings.warn(
@@ -61,6 +61,16 @@ def peft_version() -> str:
         )
         return f"{version}@UNKNOWN"
     return version
+
+
+@functools.cache
+def _installed_peft() -> str | None:
+    """The installed PEFT's version, read once (every config built reads it: a serving load builds
+    several, and a metadata lookup is slower than the rest of the config)."""
+    try:
+        return importlib.metadata.version("peft")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _plain(value: Any) -> Any:

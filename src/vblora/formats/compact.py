@@ -261,6 +261,10 @@ def decode_compact(
     tensors = dict(tensors)
     stored, selection = _check_compact_contents(plan, tensors, metadata)
     plan.inference_only = True
+    if selection is not None and stored == plan.layout:  # the model has the file's layout: no re-cutting
+        plan.selection = selection
+        check_aux(plan, root, _other_tensors(plan, tensors))
+        return plan
     rows: dict[str, Rows | None] = {}
     for path, slot in stored.items():
         target = plan.layout.get(path)

@@ -306,12 +306,13 @@ def base_parameters(root: nn.Module, skip: list[str]) -> dict[str, nn.Parameter]
             return
         if isinstance(module, VBLoRALayer):
             wrapped.add(prefix)
-        for name, p in module.named_parameters(recurse=False):
-            if id(p) not in seen:  # a shared parameter under its first name, as named_parameters
+        for name, p in module._parameters.items():  # named_parameters(recurse=False), without its cost
+            if p is not None and id(p) not in seen:  # a shared parameter under its first name
                 seen.add(id(p))
                 found[f"{prefix}.{name}" if prefix else name] = p
-        for name, child in module.named_children():
-            walk(child, f"{prefix}.{name}" if prefix else name)
+        for name, child in module._modules.items():
+            if child is not None:
+                walk(child, f"{prefix}.{name}" if prefix else name)
 
     walk(root, "")
     return {unwrapped_name(name, wrapped): p for name, p in found.items()}
@@ -327,7 +328,8 @@ def _expected_biases(plan: Loaded, params: dict[str, nn.Parameter]) -> set[str]:
 
 def check_aux(plan: Loaded, root: nn.Module, aux: dict[str, Tensor]) -> None:
     """Sort the non-VB-LoRA tensors into ``modules_to_save`` copies and biases, and check them."""
-    params = base_parameters(root, plan.save_paths)
+    # a walk of the whole model: skipped when nothing can be a bias (a serving load's usual case)
+    params = base_parameters(root, plan.save_paths) if aux or plan.config.bias != "none" else {}
     plan.copies = {path: {} for path in plan.save_paths}
     for key, tensor in aux.items():
         owner = next((w for w in plan.save_paths if key.startswith(w + ".")), None)

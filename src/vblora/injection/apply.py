@@ -38,13 +38,15 @@ def inject(root: nn.Module, plan: AdapterPlan, bank: AdapterBank, active: tuple[
     """Wrap the plan's targets (once per layer, whatever the number of adapters) and give each the
     adapter's bank; add a frozen copy of every module to save."""
     for path in plan.targets:
-        layer = root.get_submodule(path)
+        layer = plan.modules.get(path)  # wrapped already: the planned layer (the plan is fresh)
+        if not isinstance(layer, VBLoRALayer):
+            layer = root.get_submodule(path)
         if not isinstance(layer, VBLoRALayer):
             layer = VBLoRALayer(layer, path)
             set_submodule(root, path, layer)
         layer.add_adapter(plan.name, bank, plan.config.vblora_dropout)
         if active:
-            layer.active_adapters = active  # names the layer lacks are skipped in its forward
+            layer.set_adapter(list(active))  # names the layer lacks are skipped in its forward
     for path in plan.save_paths:
         wrapper = root.get_submodule(path)
         if not isinstance(wrapper, ModulesToSaveWrapper):

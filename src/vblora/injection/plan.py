@@ -20,7 +20,7 @@ from ..core.routing import BASE_ADAPTER
 from ..layers.base import kind_of
 from ..layers.save import ModulesToSaveWrapper
 from ..layers.wrapper import VBLoRALayer
-from .targeting import SEQ_CLS_HEAD_NAMES, find_modules_to_save, find_targets
+from .targeting import SEQ_CLS_HEAD_NAMES, find_modules_to_save, find_target_modules
 
 MAX_LISTED = 25  # problems listed in one error message
 
@@ -45,6 +45,9 @@ class AdapterPlan:
     save_paths: list[str] = field(default_factory=list)
     flipped: list[str] = field(default_factory=list)  # layers whose layout differs from fan_in_fan_out
     problems: list[Problem] = field(default_factory=list)
+    # the target modules as planned (adapter layers where already wrapped), by path, so that applying
+    # the plan right after planning (as every caller does) walks the model no second time
+    modules: dict[str, nn.Module] = field(default_factory=dict, repr=False)
 
     def add_problem(self, message: str, kind: type[Exception] = ValueError) -> None:
         self.problems.append(Problem(message, kind))
@@ -151,14 +154,14 @@ def plan_adapter(
         problem = save_path_problem(root, plan.save_paths)
         if problem:
             raise ValueError(problem)
-        targets = find_targets(root, config, exclude=plan.save_paths)
+        targets = find_target_modules(root, config, exclude=plan.save_paths)
     except (TypeError, ValueError) as err:
         plan.add_problem(str(err), type(err))
         return plan
     shapes = []
     indivisible: list[str] = []
-    for path in targets:
-        base = unwrapped(root.get_submodule(path))
+    for path, module in targets:
+        base = unwrapped(module)
         kind = kind_of(base)
         assert kind is not None  # find_targets returns supported layers only
         in_features, out_features = kind.features(base)
@@ -173,6 +176,8 @@ def plan_adapter(
         more = len(indivisible) - 1
         plan.add_problem(indivisible[0] + (f" ({more} more layer(s) likewise)" if more else ""))
     plan.targets = [path for path, _, _ in shapes]
+    found = dict(targets)
+    plan.modules = {path: found[path] for path in plan.targets}
     plan.layout = build_layout(shapes, config.r, config.vector_length)
     problem = size_problem(plan)
     if problem:

@@ -101,25 +101,39 @@ def default_targets(model: nn.Module) -> tuple[str, ...]:
 
 def walk_modules(model: nn.Module, with_save_wrappers: bool = False) -> Iterator[tuple[str, nn.Module]]:
     """Named modules in ``named_modules`` order, not descending into adapter wrappers (their base
-    layer or trainable copies), so a model with many adapters is walked as fast as one with one."""
-    seen = {id(model)}
+    layer or trainable copies), so a model with many adapters is walked as fast as one with one.
 
-    def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
-        for name, child in module.named_children():
-            if id(child) in seen:  # a shared module is listed once, as named_modules does
+    The walk is done before the first item is returned (a list, not nested generators: a serving
+    load walks the model several times), so the caller may change the model while iterating."""
+    seen = {id(model)}
+    found: list[tuple[str, nn.Module]] = []
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        for name, child in module._modules.items():
+            if child is None or id(child) in seen:  # a shared module is listed once, as named_modules
                 continue
             seen.add(id(child))
             path = f"{prefix}.{name}" if prefix else name
+            opaque = isinstance(child, (ModulesToSaveWrapper, VBLoRALayer))
             if with_save_wrappers or not isinstance(child, ModulesToSaveWrapper):
-                yield path, child
-            if not isinstance(child, (ModulesToSaveWrapper, VBLoRALayer)):
-                yield from walk(child, path)
+                found.append((path, child))
+            if not opaque:
+                walk(child, path)
 
-    return walk(model, "")
+    walk(model, "")
+    return iter(found)
 
 
 def find_targets(model: nn.Module, config: VBLoRAConfig, exclude: Sequence[str] = ()) -> list[str]:
-    """Paths of the modules ``config`` selects in ``model``, in model order.
+    """Paths of the modules ``config`` selects in ``model``, in model order (:func:`find_target_modules`)."""
+    return [path for path, _ in find_target_modules(model, config, exclude)]
+
+
+def find_target_modules(
+    model: nn.Module, config: VBLoRAConfig, exclude: Sequence[str] = ()
+) -> list[tuple[str, nn.Module]]:
+    """The modules ``config`` selects in ``model`` (adapter layers where already wrapped), with their
+    paths, in model order.
 
     Modules at or under a path in ``exclude`` (the trainable copies of ``modules_to_save``) are skipped.
 
@@ -129,7 +143,7 @@ def find_targets(model: nn.Module, config: VBLoRAConfig, exclude: Sequence[str] 
     """
     rule = config.target_modules if config.target_modules is not None else default_targets(model)
     head = _output_head(model, config.task_type) if rule == ALL_LINEAR else None
-    found: list[str] = []
+    found: list[tuple[str, nn.Module]] = []
     matched = saved = 0  # before the filters, for the error messages
     for path, module in walk_modules(model):
         if any(path == e or path.startswith(e + ".") for e in exclude):
@@ -151,7 +165,7 @@ def find_targets(model: nn.Module, config: VBLoRAConfig, exclude: Sequence[str] 
                 f"{path}: {type(module).__name__} is not supported by VB-LoRA; target layers of a "
                 f"supported kind ({supported_names()}), e.g. the attention projections"
             )
-        found.append(path)
+        found.append((path, module))
     if not found and saved and not matched:
         raise ValueError(
             f"target_modules {rule!r} matched only modules that modules_to_save trains in full "

@@ -46,9 +46,15 @@ class LayerKind(Protocol):
 KINDS: tuple[LayerKind, ...] = (LINEAR_4BIT, LINEAR_8BIT, CONV1D, LINEAR)
 
 
+_KIND_OF_TYPE: dict[type, LayerKind | None] = {}  # every kind matches on the type alone
+
+
 def kind_of(module: nn.Module) -> LayerKind | None:
     """The kind of a base layer VB-LoRA can adapt, or None."""
-    return next((kind for kind in KINDS if kind.matches(module)), None)
+    cls = type(module)
+    if cls not in _KIND_OF_TYPE:  # a model walk asks once per module: once per type is enough
+        _KIND_OF_TYPE[cls] = next((kind for kind in KINDS if kind.matches(module)), None)
+    return _KIND_OF_TYPE[cls]
 
 
 def supported_names() -> str:

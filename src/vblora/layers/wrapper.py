@@ -146,14 +146,16 @@ class VBLoRALayer(nn.Module):
 
     @active_adapters.setter
     def active_adapters(self, names: tuple[str, ...] | list[str]) -> None:
-        self._active = tuple(names)
+        self.set_adapter(list(names))
 
     def set_adapter(self, adapter_names: str | list[str]) -> None:
         """Apply these adapters in this layer only (PEFT's per-layer call; names this layer lacks
         are kept and skipped, as in PEFT). Trainability stays the model's: one bank serves every
         layer, so only the model's ``set_adapter`` changes it."""
         names = (adapter_names,) if isinstance(adapter_names, str) else tuple(dict.fromkeys(adapter_names))
-        self._active = names
+        # a plain attribute: object's setattr skips nn.Module's parameter/module bookkeeping, which
+        # costs more than the rest of activating an adapter on hundreds of layers
+        object.__setattr__(self, "_active", names)
 
     @property
     def disable_adapters(self) -> bool:
