@@ -377,7 +377,10 @@ def test_an_inference_only_adapter_keeps_its_selection_not_the_logits_table(base
     ):
         bank = served.vblora_banks["default"]
         assert bank.logits.numel() == 0 and bank.inference_only
-        assert bank.topk_indices.shape == bank.topk_weights.shape == (trained.num_subvectors, trained.topk)
+        assert bank.topk_indices.shape == (trained.num_subvectors, trained.topk)
+        assert bank.selection()[1].shape == (trained.num_subvectors, trained.topk)
+        # both files store k-1 weights (the k-th is 1 - their sum): the bank keeps them so
+        assert bank.topk_weights.shape == (trained.num_subvectors, trained.topk - 1)
         assert bank.num_subvectors == trained.num_subvectors
         want, _ = trained.selection()
         assert torch.equal(bank.topk_indices.long().sort(-1).values, want.long().sort(-1).values)

@@ -8,6 +8,8 @@ parameter changes (tracked through the parameters' version counters and storage)
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -98,6 +100,46 @@ def _table_plan(layout: dict[str, Slot], rows: int) -> tuple[Tensor | None, list
     return (None if order.equal(torch.arange(rows)) else order), sizes, index
 
 
+_PLANS: OrderedDict[tuple[Any, ...], tuple[dict[str, Slot], tuple[Tensor | None, list[int], dict[str, int]]]]
+_PLANS = OrderedDict()  # the last few layouts and their table plans, shared by every bank that has one
+_PLANS_KEPT = 8
+_PLANS_LOCK = threading.Lock()
+
+
+def shared_table_plan(
+    layout: dict[str, Slot], rows: int
+) -> tuple[dict[str, Slot], tuple[Tensor | None, list[int], dict[str, int]]]:
+    """``layout`` and its :func:`_table_plan`, one copy for every bank with that layout (read only):
+    a thousand served adapters of one model would otherwise hold a thousand (P,) row orders."""
+    key = (rows, tuple(layout.items()))
+    with _PLANS_LOCK:
+        found = _PLANS.get(key)
+        if found is not None:
+            _PLANS.move_to_end(key)
+            return found
+    with torch.inference_mode(False):  # the order is saved for backward: no inference tensor
+        found = dict(layout), _table_plan(layout, rows)
+    with _PLANS_LOCK:
+        _PLANS[key] = found
+        while len(_PLANS) > _PLANS_KEPT:
+            _PLANS.popitem(last=False)
+    return found
+
+
+def derived_last(partial: Tensor) -> Tensor:
+    """The k-th top-k weight from the k-1 others, as PEFT's files and ours store them: 1 - their sum
+    (in fp32, at least 0), in their dtype."""
+    return (1.0 - partial.float().sum(dim=-1, keepdim=True)).clamp_min(0.0).to(partial.dtype)
+
+
+def _stored_weights(weights: Tensor) -> Tensor:
+    """(P, k) weights as a bank keeps them: the first k-1 when the k-th is exactly (bit for bit)
+    :func:`derived_last` of them, as for every selection read from a file (4 bytes a sub-vector
+    fewer at k = 2, lossless), else all k."""
+    partial = weights[:, :-1]
+    return partial.contiguous() if torch.equal(derived_last(partial), weights[:, -1:]) else weights
+
+
 class AdapterBank(nn.Module):
     """The trainable state of one adapter: ``bank (h, b)`` and ``logits (P, h)``.
 
@@ -118,7 +160,7 @@ class AdapterBank(nn.Module):
     ) -> None:
         super().__init__()
         rows = max((s.end for s in layout.values()), default=0)
-        self.layout = dict(layout)
+        self.layout, (self._order, self._sizes, self._segment) = shared_table_plan(layout, rows)
         self.topk = topk
         self._rows = rows
         self.bank = nn.Parameter(torch.empty(num_vectors, vector_length, device=device))
@@ -136,8 +178,6 @@ class AdapterBank(nn.Module):
         self._cache_key: tuple[Any, ...] | None = None
         self._composed_at: tuple[Any, ...] | None = None  # what _outdated() compares, at composition
         self.in_pass = False  # set by the model while a pass that refreshed this bank runs
-        with torch.inference_mode(False):  # the order is saved for backward: no inference tensor
-            self._order, self._sizes, self._segment = _table_plan(self.layout, rows)
 
     @property
     def num_vectors(self) -> int:
@@ -158,15 +198,21 @@ class AdapterBank(nn.Module):
         device = self.bank.device
         # the smallest integer type that addresses the bank: 2 bytes a sub-vector at h <= 256
         self.topk_indices = indices.to(device, smallest_index_dtype(self.num_vectors))
-        self.topk_weights = weights.to(device, self.bank.dtype)
+        self.topk_weights = _stored_weights(weights.to(device, self.bank.dtype))
         self.logits = nn.Parameter(self.bank.new_empty(0, self.num_vectors), requires_grad=False)
         self.inference_only = True
         self.clear_cache()
 
+    def _weights(self, start: int = 0, end: int | None = None) -> Tensor:
+        """Rows ``start:end`` of the (P, k) weights of a selection-only adapter (``topk_weights``
+        may hold only the first k-1: see :func:`_stored_weights`)."""
+        w = self.topk_weights[start:end]
+        return w if w.shape[-1] == self.topk else torch.cat([w, derived_last(w)], dim=-1)
+
     def selection(self) -> tuple[Tensor, Tensor]:
         """The (P, k) indices and (P, k) softmax weights that compose every sub-vector."""
         if self.topk_indices is not None:
-            return self.topk_indices.long(), self.topk_weights.float()
+            return self.topk_indices.long(), self._weights().float()
         return VF.topk_compress(self.logits.detach(), self.topk)
 
     def full_logits(self) -> Tensor:
@@ -180,7 +226,7 @@ class AdapterBank(nn.Module):
         """Rows ``start:end`` of the (P, b) sub-vector table in fp32, without autograd."""
         with torch.no_grad():
             if self.topk_indices is not None:
-                idx, w = self.topk_indices[start:end], self.topk_weights[start:end]
+                idx, w = self.topk_indices[start:end], self._weights(start, end)
                 return VF.admixture_from_topk(idx, w.float(), self.bank.float())
             return VF.topk_admixture(self.logits[start:end].float(), self.bank.float(), self.topk)
 
@@ -197,7 +243,7 @@ class AdapterBank(nn.Module):
         """
         order = self._order_on(self.bank.device)
         if self.topk_indices is not None:
-            idx, w = self.topk_indices, self.topk_weights
+            idx, w = self.topk_indices, self._weights()
             if order is not None:
                 idx, w = idx[order], w[order]
             sub = VF.admixture_from_topk(idx, w, self.bank)
@@ -297,4 +343,21 @@ class AdapterBank(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> AdapterBank:
         self.clear_cache()  # .to(), .half(), .cuda() change storage and dtype
-        return super()._apply(fn, recurse)
+        if self.topk_weights is None or self.topk_weights.shape[-1] == self.topk:
+            return super()._apply(fn, recurse)
+        self.topk_weights = self._weights()  # all k, so that a cast rounds each weight once, as ever
+        out = super()._apply(fn, recurse)
+        self.topk_weights = _stored_weights(self.topk_weights)
+        return out
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # topk_weights holds k or k-1 columns (see _stored_weights): a state dict with the other
+        # width loads as all k
+        key = prefix + "topk_weights"
+        given, ours = state_dict.get(key), self.topk_weights
+        if isinstance(given, Tensor) and ours is not None and given.dim() == ours.dim() == 2:
+            if given.shape[-1] == self.topk - 1 and ours.shape[-1] == self.topk:
+                state_dict[key] = torch.cat([given, derived_last(given)], dim=-1)
+            elif given.shape[-1] == self.topk and ours.shape[-1] == self.topk - 1:
+                self.topk_weights = self._weights()
+        super()._load_from_state_dict(state_dict, prefix, *args)
