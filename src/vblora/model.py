@@ -128,6 +128,7 @@ class VBLoRAModel(CheckpointMethods, BaseModelMethods, nn.Module):
                 "layers run again in backward, after the rows' routing is gone. Disable checkpointing, "
                 "or train one adapter per batch"
             )
+        routing.stacks = self.adapters.stacks
         return routing
 
     def _begin_pass(self, *_: Any) -> None:

@@ -9,6 +9,7 @@ import torch
 
 from conftest import model_inputs, output_tensor, tiny_bert, tiny_llama
 from vblora import VBLoRAConfig, get_vblora_model
+from vblora.core import functional as VF
 
 CFG = VBLoRAConfig(
     num_vectors=16,
@@ -284,3 +285,52 @@ def test_concurrent_passes_on_one_model_each_see_their_own_rows() -> None:
                 assert torch.equal(out, expected[name]), name
             else:
                 torch.testing.assert_close(out, expected[name], atol=1e-5, rtol=1e-5)
+
+
+def test_stacked_factors_are_reused_only_while_they_are_the_batchs_current_ones() -> None:
+    """Decoding repeats a pass with the same adapters: the stacked factors of each layer are kept
+    from the previous pass (no restacking), and never once an adapter's factors change or go."""
+    model = llama_with_adapters()
+    model.add_adapter("d", CFG)
+    model.eval()
+    inputs = model_inputs("llama", batch=4)
+    names = ["a", "b", "d", "__base__"]
+
+    def mixed() -> torch.Tensor:
+        with torch.no_grad():
+            return output_tensor(model(**inputs, adapter_names=names))
+
+    def expected() -> torch.Tensor:
+        return torch.stack([per_adapter(model, inputs, n)[row] for row, n in enumerate(names)])
+
+    first = mixed()
+    path = next(iter(model.adapters.stacks))
+    kept = model.adapters.stacks[path][2]
+    torch.testing.assert_close(mixed(), first, atol=0, rtol=0)
+    assert model.adapters.stacks[path][2] is kept  # reused, not restacked
+    with torch.no_grad():
+        model.vblora_banks["b"].bank.mul_(0.5)  # an in-place change: b's factors are composed anew
+    changed = mixed()
+    assert model.adapters.stacks[path][2] is not kept
+    torch.testing.assert_close(changed, expected(), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(changed[1], first[1])
+    model.delete_adapter("d")  # deletion drops every stack (none may hold a deleted adapter)
+    assert model.adapters.stacks == {}
+    names = ["a", "b", "c", "a"]  # two rows of one adapter: gathered by index, not in order
+    torch.testing.assert_close(mixed(), expected(), atol=1e-5, rtol=1e-5)
+    model.max_cached_adapters = 1  # an eviction drops them too
+    assert model.adapters.stacks == {}
+
+
+@pytest.mark.parametrize("index", [None, [2, 0, 3, 0, 1]])
+def test_gathered_delta_equals_a_plain_loop(index) -> None:
+    g = torch.Generator().manual_seed(0)
+    factors = [(torch.randn(r, 12, generator=g), torch.randn(8, r, generator=g)) for r in (2, 3, 1)]
+    a, bt = VF.stack_factors(factors)
+    rows = 3 if index is None else len(index)
+    x = torch.randn(rows, 4, 12, generator=g)
+    got = VF.gathered_delta(x, a, bt, None if index is None else torch.tensor(index))
+    for n in range(rows):
+        i = n if index is None else index[n]
+        want = torch.zeros(4, 8) if i == len(factors) else x[n] @ factors[i][0].T @ factors[i][1].T
+        torch.testing.assert_close(got[n], want, atol=1e-5, rtol=1e-5)

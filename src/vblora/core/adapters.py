@@ -25,6 +25,10 @@ class AdapterSet:
         self.frozen: set[str] = set()  # adapters loaded for inference: never made trainable
         self._max_cached: int | None = 8
         self._recent: dict[str, None] = {}  # adapters with composed factors, least recent first
+        # Per layer path, the stacked factors of the last mixed batch there (routing.RowRouting's
+        # ``stacks``): kept while that batch's adapters keep their factors, so decoding steps do not
+        # restack them; dropped with any eviction or deletion, so they never outlive the factors.
+        self.stacks: dict[str, Any] = {}
         self._init_passes()
 
     def _init_passes(self) -> None:
@@ -79,6 +83,7 @@ class AdapterSet:
             if name not in in_flight:
                 del self._recent[name]
                 self.bank(name).clear_cache()
+                self.stacks.clear()
 
     # ------------------------------------------------------------------ passes
     def begin_pass(self, names: tuple[str, ...]) -> None:
@@ -112,3 +117,4 @@ class AdapterSet:
         """Drop every record of a deleted adapter."""
         self.frozen.discard(name)
         self._recent.pop(name, None)
+        self.stacks.clear()

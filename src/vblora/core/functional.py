@@ -175,7 +175,7 @@ def stack_factors(factors: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]
     return torch.stack(a), torch.stack(bt)
 
 
-def gathered_delta(x: Tensor, a: Tensor, bt: Tensor, index: Tensor) -> Tensor:
+def gathered_delta(x: Tensor, a: Tensor, bt: Tensor, index: Tensor | None) -> Tensor:
     """Every row's adapter branch ``B_i (A_i x)`` in two batched matmuls, whatever the number of
     adapters (Punica's BGMV/SGMV idea in plain torch): the rows' factors are gathered once, not one
     ``index_select`` + two matmuls + ``index_add`` per adapter.
@@ -184,15 +184,20 @@ def gathered_delta(x: Tensor, a: Tensor, bt: Tensor, index: Tensor) -> Tensor:
         x: (N, ..., in) inputs, row n through adapter ``index[n]``.
         a: (m, r, in) the A of each adapter of the batch.
         bt: (m, r, out) the transposed B of each adapter.
-        index: (N,) long, each row's adapter; rows without one point at an all-zero slot.
+        index: (N,) long, each row's adapter; rows without one point at an all-zero slot. None:
+            row n through adapter n (no gather).
 
     Returns:
         (N, ..., out) in the factors' dtype.
     """
     n = x.shape[0]
     x3 = x.reshape(n, -1, x.shape[-1])  # (N, L, in)
-    h = torch.bmm(x3, a.index_select(0, index).transpose(1, 2))  # (N, L, r)
-    return torch.bmm(h, bt.index_select(0, index)).reshape(*x.shape[:-1], bt.shape[-1])
+    if index is None:
+        rows_a, rows_bt = a[:n], bt[:n]
+    else:
+        rows_a, rows_bt = a.index_select(0, index), bt.index_select(0, index)
+    h = torch.bmm(x3, rows_a.transpose(1, 2))  # (N, L, r)
+    return torch.bmm(h, rows_bt).reshape(*x.shape[:-1], bt.shape[-1])
 
 
 def linear_with_adapter(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor) -> Tensor:

@@ -37,8 +37,10 @@ class RowRouting:
     batch_size: int
     rows: dict[str, Tensor]
     repeat: int = 1
+    # the model's cache of stacked factors per layer, kept across passes (core.adapters.AdapterSet)
+    stacks: dict[str, Any] | None = None
     _expanded: dict[str, Tensor] = field(default_factory=dict)
-    _index: dict[tuple[tuple[str, ...], int], Tensor] = field(default_factory=dict)
+    _index: dict[tuple[tuple[str, ...], int], Tensor | None] = field(default_factory=dict)
 
     @classmethod
     def from_names(cls, names: Sequence[str], device: torch.device, repeat: int = 1) -> RowRouting:
@@ -77,20 +79,21 @@ class RowRouting:
             self._expanded[name] = (idx[:, None] * m + torch.arange(m, device=idx.device)).reshape(-1)
         return self._expanded[name]
 
-    def adapter_index(self, names: Sequence[str], n: int, where: str = "a layer") -> Tensor:
+    def adapter_index(self, names: Sequence[str], n: int, where: str = "a layer") -> Tensor | None:
         """(n,) long: each input row's position in ``names``, ``len(names)`` for rows of no adapter
-        among them (cached per pass, as layers of one shape share it)."""
+        among them; None when row i is the only row of ``names[i]`` for every i (a batch of one
+        request per adapter: nothing to gather). Cached per pass, as layers of one shape share it."""
         key = (tuple(names), n)
-        index = self._index.get(key)
-        if index is None:
+        if key not in self._index:
             device = next(iter(self.rows.values())).device if self.rows else None
             index = torch.full((n,), len(names), dtype=torch.long, device=device)
             for i, name in enumerate(names):
                 rows = self.rows_for(name, n, where)
                 if rows is not None:
                     index[rows] = i
-            self._index[key] = index
-        return index
+            in_order = n == len(names) and bool((index == torch.arange(n, device=device)).all())
+            self._index[key] = None if in_order else index
+        return self._index[key]
 
 
 # transformers model types whose adapted layers all see (batch, ...) inputs: dense decoders and

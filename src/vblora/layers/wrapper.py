@@ -6,7 +6,9 @@ them for its factors, so each bank and logits table appears once in ``state_dict
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -238,7 +240,7 @@ class VBLoRALayer(nn.Module):
         if len(names) > 1 and not (self.training and any(self.dropout_rates[n] > 0 for n in names)):
             factors = [self.banks[n].factors(self.path) for n in names]
             if all(a.dtype == factors[0][0].dtype for a, _ in factors):
-                a, bt = VF.stack_factors(factors)
+                a, bt = self._stacked(tuple(names), factors, routing.stacks)
                 index = routing.adapter_index(names, x.shape[0], self.path)
                 return result + VF.gathered_delta(x.to(a.dtype), a, bt, index).to(result.dtype)
         for name in routing.rows:  # the batch's adapters, not every adapter loaded
@@ -254,6 +256,22 @@ class VBLoRALayer(nn.Module):
                 lambda h, a=a, b=b, n=name: VF.adapter_delta(self._dropout(n, h).to(a.dtype), a, b),
             )
         return result
+
+    def _stacked(
+        self, names: tuple[str, ...], factors: list[tuple[Tensor, Tensor]], cache: dict[str, Any] | None
+    ) -> tuple[Tensor, Tensor]:
+        """:func:`~vblora.core.functional.stack_factors` of the batch's adapters, reused from the
+        previous pass while they are the same adapters with the same composed factors (a decode
+        step would otherwise copy every factor of the batch again, in every layer)."""
+        if cache is None or torch.compiler.is_compiling() or any(a.requires_grad for a, _ in factors):
+            return VF.stack_factors(factors)  # factors with a graph are composed anew each pass
+        entry = cache.get(self.path)
+        if entry is not None and entry[0] == names and all(r() is a for r, (a, _) in zip(entry[1], factors)):
+            return entry[2], entry[3]
+        a, bt = VF.stack_factors(factors)
+        # weak references: the entry never keeps a bank's evicted factors alive
+        cache[self.path] = (names, tuple(weakref.ref(a) for a, _ in factors), a, bt)
+        return a, bt
 
     def _dropout(self, name: str, x: Tensor) -> Tensor:
         p = self.dropout_rates[name]
