@@ -678,3 +678,22 @@ def test_config_is_not_mutated_by_injection() -> None:
     snapshot = dataclasses.asdict(cfg)
     get_vblora_model(BUILDERS["gpt2"](), cfg)
     assert dataclasses.asdict(cfg) == snapshot
+
+
+def test_adapters_added_or_loaded_inside_inference_mode_work(tmp_path) -> None:
+    """A server loads adapters while it decodes, inside torch.inference_mode(): the adapters must
+    still hold normal tensors (inference tensors have no version counters for the factor cache)."""
+    from vblora import load_compact, save_compact
+
+    cfg = dataclasses.replace(CONFIGS["llama"], **BIG)
+    source = get_vblora_model(BUILDERS["llama"](), cfg)
+    save_compact(source, tmp_path / "a.vblora")
+    inputs, base = model_inputs("llama"), BUILDERS["llama"]()
+    with torch.inference_mode():
+        model = load_compact(base, tmp_path / "a.vblora", "a")
+        model.add_adapter("b", cfg)
+        load_compact(model, tmp_path / "a.vblora", "c")
+        model.set_adapter("c")
+        inside = output_tensor(model(**inputs))
+    assert not any(t.is_inference() for t in model.state_dict().values())
+    torch.testing.assert_close(output_tensor(model(**inputs)), inside, atol=0, rtol=0)

@@ -298,6 +298,7 @@ class CheckpointMethods:
         """Copy a validated load (same layout) into the existing adapter ``name``, in place."""
         self._fill(name, loaded)
 
+    @torch.inference_mode(False)  # as _inject: normal tensors even when loaded in inference mode
     @torch.no_grad()
     def _fill(self, name: str, loaded: Loaded) -> None:
         """Copy a validated load's tensors into adapter ``name`` (same layout) and the base model."""

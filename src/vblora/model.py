@@ -211,6 +211,8 @@ class VBLoRAModel(CheckpointMethods, BaseModelMethods, nn.Module):
         ):
             self.vblora_banks[adapter_name].to(weight.dtype)
 
+    @torch.inference_mode(False)  # added inside inference mode (a server's batch), it still has
+    @torch.no_grad()  # normal tensors: inference tensors have no version counters for the cache
     def _inject(self, plan: AdapterPlan, initialise: bool, trainable: bool) -> None:
         weight = next(self.model.get_submodule(plan.targets[0]).parameters(), None)
         config = plan.config

@@ -44,6 +44,11 @@ def slow_model(folder: pathlib.Path) -> None:
 def test_serve_is_a_command_with_bounds() -> None:
     args = build_parser().parse_args(["serve", "--model", "m", "--adapters", "a", "--max-batch-size", "4"])
     assert args.command == "serve" and args.max_batch_size == 4 and args.host == "127.0.0.1"
+    assert args.batching == "continuous"
+    static = build_parser().parse_args(["serve", "--model", "m", "--batching", "static"])
+    assert static.batching == "static"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--model", "m", "--batching", "sometimes"])
 
 
 def test_sigterm_finishes_the_request_in_flight_and_refuses_new_ones(tmp_path: pathlib.Path) -> None:

@@ -338,6 +338,7 @@ def test_health_and_metrics(server: Running) -> None:
         "vblora_queue_depth",
         "vblora_batch_size_bucket",
         "vblora_generated_tokens_total",
+        "vblora_joined_rows_total",
         "vblora_tokens_per_second",
         "vblora_adapter_loads_total",
         "vblora_adapter_evictions_total",

@@ -43,6 +43,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--max-wait-ms", type=float, default=2.0,
         help="how long a new batch waits for more requests (default: 2)",
     )  # fmt: skip
+    p.add_argument(
+        "--batching", choices=["continuous", "static"], default="continuous",
+        help="continuous: new requests join the batch decoding, between two steps; static: they "
+        "wait for it to finish (default: continuous)",
+    )  # fmt: skip
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
 
@@ -68,6 +73,7 @@ def engine_from_args(args: argparse.Namespace) -> Engine:
         max_batch=args.max_batch_size,
         max_queue=args.max_queue,
         max_wait=args.max_wait_ms / 1000,
+        continuous=args.batching == "continuous",
     )
     positions = getattr(model.config, "max_position_embeddings", None) or 2048
     name = args.served_model_name or args.model

@@ -6,7 +6,13 @@ batch and decodes it token by token; every forward pass is one mixed-adapter pas
 (``adapter_names=``, one name per row). Each row samples with its own parameters and its own
 generator, so a row's tokens do not depend on the rows beside it. Rows that finish (a stop
 string, the end-of-sequence token, ``max_tokens``, or a client that left) leave the batch at once
-(their cache rows are dropped); new requests wait for the next batch (no continuous batching).
+(their cache rows are dropped) and their request is answered then.
+
+Continuous batching (the default): between two decoding steps, requests waiting in the queue join
+the batch already decoding, up to ``max_batch`` rows. Their prompts are prefilled in one pass of
+their own, and their key/value cache is then joined to the batch's (the shorter one left-padded,
+masked out). With ``continuous=False``, or a model whose cache is not transformers' plain
+``DynamicCache``, new requests wait for the next batch instead.
 """
 
 from __future__ import annotations
@@ -87,6 +93,26 @@ class Job:
 
 
 @dataclass
+class _Batch:
+    """The rows decoding together and their next step's inputs."""
+
+    rows: list[_Row]  # live rows, in the cache's row order
+    ids: Tensor  # (rows, t): the prompts before the first step, then each row's last token
+    mask: Tensor  # (rows, cached + t) attention mask, left-padded
+    positions: Tensor  # (rows, t) positions of ``ids``
+    cache: Any = None
+
+
+@dataclass
+class _Pending:
+    """A request in a batch: its rows, and the pin that keeps its adapter loaded until it ends."""
+
+    job: Job
+    rows: list[_Row]
+    pin: contextlib.ExitStack
+
+
+@dataclass
 class _Row:
     job: Job
     choice: int
@@ -105,6 +131,7 @@ class BatcherStats:
     batches: int = 0
     rows: int = 0
     batch_sizes: Histogram = field(default_factory=lambda: Histogram(BATCH_SIZES))
+    joined_rows: int = 0  # rows that joined a batch already decoding (continuous batching)
     generated_tokens: int = 0
     cancelled_rows: int = 0  # rows that left their batch because the client went away
     decode_seconds: float = 0.0
@@ -153,6 +180,8 @@ class Batcher:
         max_batch: most rows decoded together.
         max_queue: most requests waiting; beyond it :meth:`submit` raises :class:`QueueFull`.
         max_wait: seconds the worker waits for more requests once one arrived (0: run at once).
+        continuous: let waiting requests join the batch already decoding (else they wait for it
+            to finish).
         eos_token_ids: tokens that end a choice (default: the model's and the tokenizer's).
     """
 
@@ -165,6 +194,7 @@ class Batcher:
         max_queue: int = 64,
         max_wait: float = 0.002,
         eos_token_ids: Sequence[int] | None = None,
+        continuous: bool = True,
     ) -> None:
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be positive, got {max_batch}, {max_queue}")
@@ -174,6 +204,7 @@ class Batcher:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.max_wait = max_wait
+        self.continuous = continuous
         self.eos = set(eos_token_ids if eos_token_ids is not None else _eos_ids(store.base, tokenizer))
         self.pad_id = _pad_id(tokenizer, self.eos)
         self.stats = BatcherStats()
@@ -232,41 +263,69 @@ class Batcher:
                 self._cond.wait()
             if self.max_wait > 0 and len(self._queue) < self.max_batch:
                 self._cond.wait_for(lambda: len(self._queue) >= self.max_batch, self.max_wait)
-            jobs, rows = [], 0
-            while self._queue and rows + self._queue[0].params.n <= self.max_batch:
-                job = self._queue.popleft()
-                if not job.cancelled.is_set():
-                    jobs.append(job)
-                    rows += job.params.n
-            return jobs
+            return self._pop(self.max_batch)
+
+    def _pop(self, room: int) -> list[Job]:
+        """Waiting jobs of at most ``room`` rows, in order (the caller holds ``_cond``)."""
+        jobs, rows = [], 0
+        while self._queue and rows + self._queue[0].params.n <= room:
+            job = self._queue.popleft()
+            if not job.cancelled.is_set():
+                jobs.append(job)
+                rows += job.params.n
+        return jobs
 
     def _work(self) -> None:
         while True:
             jobs = self._take()
             if jobs is None:
                 return
-            if not jobs:
-                continue
-            try:
+            if jobs:
                 self._run(jobs)
-            except Exception as err:  # a bug or an out-of-memory: those requests fail, serving goes on
-                for job in jobs:
-                    job.sink(Event("error", error=err))
-            finally:
-                self._running = 0
+            self._running = 0
 
     def _run(self, jobs: list[Job]) -> None:
-        with contextlib.ExitStack() as pins:
-            ready = []
-            for job in jobs:  # pinned one adapter at a time: a bad file fails only its requests
-                try:
-                    pins.enter_context(self.store.pinned([job.adapter]))
-                except (UnknownAdapter, AdapterLoadError) as err:
-                    job.sink(Event("error", error=err))
-                    continue
-                ready.append(job)
-            if ready:
-                self._decode(ready)
+        pending: dict[int, _Pending] = {}  # the batch's unanswered requests, by id(job)
+        try:
+            batch = self._admit(jobs, pending)
+            if batch is not None:
+                self._decode(batch, pending)
+        except Exception as err:  # a bug or an out-of-memory: those requests fail, serving goes on
+            for entry in pending.values():
+                entry.job.sink(Event("error", error=err))
+        finally:
+            for entry in pending.values():
+                entry.pin.close()
+
+    def _admit(self, jobs: list[Job], pending: dict[int, _Pending]) -> _Batch | None:
+        """Pin the jobs' adapters (a bad file fails only its requests) and lay out their prompts as
+        a batch's first step; None when no job is left. Each job is in ``pending`` from its start,
+        so any failure answers it."""
+        ready = []
+        for job in jobs:
+            entry = pending[id(job)] = _Pending(job, [], contextlib.ExitStack())
+            try:
+                entry.pin.enter_context(self.store.pinned([job.adapter]))
+            except (UnknownAdapter, AdapterLoadError) as err:
+                del pending[id(job)]
+                job.sink(Event("error", error=err))
+                continue
+            ready.append(entry)
+        if not ready:
+            return None
+        rows = self._rows([entry.job for entry in ready])
+        for entry in ready:
+            entry.rows = [r for r in rows if r.job is entry.job]
+        prompts = [r.job.prompt_ids for r in rows]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding: every row's next token is at the end
+            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p) :] = 1
+        device = next(self.store.base.parameters()).device
+        ids, mask = ids.to(device), mask.to(device)
+        return _Batch(rows, ids, mask, (mask.cumsum(-1) - 1).clamp_min(0))
 
     def _rows(self, jobs: list[Job]) -> list[_Row]:
         rows = []
@@ -277,54 +336,73 @@ class Batcher:
         return rows
 
     @torch.inference_mode()
-    def _decode(self, jobs: list[Job]) -> None:
-        rows = self._rows(jobs)
-        self._running = len(rows)
+    def _decode(self, batch: _Batch, pending: dict[int, _Pending]) -> None:
         self.stats.batches += 1
-        self.stats.rows += len(rows)
-        self.stats.batch_sizes.observe(len(rows))
+        self.stats.rows += len(batch.rows)
+        self.stats.batch_sizes.observe(len(batch.rows))
         start, tokens = time.perf_counter(), 0
-        prompts = [r.job.prompt_ids for r in rows]
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, p in enumerate(prompts):  # left padding: every row's next token is at the end
-            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            mask[i, width - len(p) :] = 1
-        device = next(self.store.base.parameters()).device
-        ids, mask = ids.to(device), mask.to(device)
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        live = list(range(len(rows)))  # rows still decoding, in batch order
-        cache = None
-        while True:
-            out = self._forward([rows[i] for i in live], ids, mask, positions, cache)
-            cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-            logits = out.logits[:, -1, :].float().cpu()  # one copy per step: rows sample on the CPU
-            step = []
-            for pos, i in enumerate(live):
-                token = sample(logits[pos], rows[i].job.params, rows[i].generator)
-                step.append(token)
-                tokens += 1
-                self._advance(rows[i], token)
-            keep = [pos for pos, i in enumerate(live) if not rows[i].done]
-            if not keep:
-                break
-            if len(keep) < len(live):  # finished rows leave the batch and the cache
-                index = torch.tensor(keep, dtype=torch.long, device=device)
-                cache.batch_select_indices(index)
-                mask, positions = mask[index], positions[index]
-            live = [live[pos] for pos in keep]
-            self._running = len(live)
-            ids = torch.tensor([[step[pos]] for pos in keep], dtype=torch.long, device=device)
-            mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
-            positions = positions[:, -1:] + 1
+        while batch.rows:
+            self._running = len(batch.rows)
+            tokens += self._step(batch)
+            self._answer(pending)
+            room = self.max_batch - len(batch.rows)
+            if self.continuous and room > 0 and batch.rows and _joinable(batch.cache):
+                with self._cond:
+                    jobs = self._pop(room)
+                joining = self._admit(jobs, pending) if jobs else None
+                if joining is not None:
+                    tokens += self._step(joining)  # their prefill, in a pass of their own
+                    self._answer(pending)
+                    if joining.rows:
+                        _join(batch, joining)
+                        self.stats.rows += len(joining.rows)
+                        self.stats.joined_rows += len(joining.rows)
+                        self.stats.batch_sizes.observe(len(batch.rows))
         elapsed = time.perf_counter() - start
         self.stats.generated_tokens += tokens
         self.stats.decode_seconds += elapsed
         self.stats.last_tokens_per_second = tokens / elapsed if elapsed > 0 else 0.0
-        for job in jobs:
+
+    def _step(self, batch: _Batch) -> int:
+        """One forward pass of the batch: every row samples and advances one token; finished rows
+        leave it (and its cache). Returns the tokens generated."""
+        out = self._forward(batch.rows, batch.ids, batch.mask, batch.positions, batch.cache)
+        batch.cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        logits = out.logits[:, -1, :].float().cpu()  # one copy per step: rows sample on the CPU
+        step = []
+        for pos, row in enumerate(batch.rows):
+            token = sample(logits[pos], row.job.params, row.generator)
+            step.append(token)
+            self._advance(row, token)
+        keep = [pos for pos, row in enumerate(batch.rows) if not row.done]
+        mask, positions = batch.mask, batch.positions
+        if keep and len(keep) < len(batch.rows):  # finished rows leave the batch and the cache
+            index = torch.tensor(keep, dtype=torch.long, device=mask.device)
+            batch.cache.batch_select_indices(index)
+            mask, positions = mask[index], positions[index]
+            # drop the padding no live row needs any more: a batch that rows keep joining stays
+            # as long as its longest row, not as long as it has run
+            first = int(mask.any(dim=0).nonzero()[0])
+            if first > 0 and _joinable(batch.cache):
+                for layer in batch.cache.layers:
+                    layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+                mask = mask[:, first:]
+        rows = len(batch.rows)
+        batch.rows = [batch.rows[pos] for pos in keep]
+        if keep:
+            batch.ids = torch.tensor([[step[pos]] for pos in keep], dtype=torch.long, device=mask.device)
+            batch.mask = torch.cat([mask, mask.new_ones((len(keep), 1))], dim=1)
+            batch.positions = positions[:, -1:] + 1
+        return rows
+
+    def _answer(self, pending: dict[int, _Pending]) -> None:
+        """Answer the requests whose choices have all ended (at once, not when the batch ends), and
+        unpin their adapters."""
+        for key in [k for k, entry in pending.items() if all(r.done for r in entry.rows)]:
+            entry = pending.pop(key)
+            entry.pin.close()
+            job, mine = entry.job, entry.rows
             if not job.cancelled.is_set():
-                mine = [r for r in rows if r.job is job]
                 usage = {
                     "prompt_tokens": len(job.prompt_ids),
                     "completion_tokens": sum(len(r.ids) for r in mine),
@@ -376,6 +454,42 @@ class Batcher:
         if reason:
             row.done = True
             row.job.sink(Event("finish", row.choice, reason=reason))
+
+
+def _joinable(cache: Any) -> bool:
+    """Whether rows can join ``cache``: transformers' plain ``DynamicCache`` (a (rows, heads, seq,
+    dim) key and value tensor per layer), not a sliding-window, quantized or static one."""
+    layers = getattr(cache, "layers", None)
+    return (
+        type(cache).__name__ == "DynamicCache"
+        and bool(layers)
+        and all(type(layer).__name__ == "DynamicLayer" and layer.is_initialized for layer in layers)
+    )
+
+
+def _left_pad(t: Tensor, length: int, dim: int) -> Tensor:
+    """``t`` padded with zeros at the start of ``dim`` to ``length``."""
+    missing = length - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _join(batch: _Batch, joining: _Batch) -> None:
+    """Append ``joining``'s rows to ``batch`` (both past a step): the shorter cache is left-padded
+    with masked-out zeros, so every row's next token stays at the end."""
+    width = max(batch.mask.shape[1], joining.mask.shape[1])  # the cache holds width - 1 positions
+    for layer, new in zip(batch.cache.layers, joining.cache.layers):
+        layer.keys = torch.cat([_left_pad(layer.keys, width - 1, -2), _left_pad(new.keys, width - 1, -2)])
+        layer.values = torch.cat(
+            [_left_pad(layer.values, width - 1, -2), _left_pad(new.values, width - 1, -2)]
+        )
+    batch.mask = torch.cat([_left_pad(batch.mask, width, 1), _left_pad(joining.mask, width, 1)])
+    batch.ids = torch.cat([batch.ids, joining.ids])
+    batch.positions = torch.cat([batch.positions, joining.positions])
+    batch.rows = batch.rows + joining.rows
 
 
 def _eos_ids(model: nn.Module, tokenizer: Any) -> list[int]:

@@ -124,6 +124,8 @@ class Engine:
             ("vblora_queue_depth", "gauge", "requests waiting", self.batcher.queue_depth),
             ("vblora_running_rows", "gauge", "rows in the batch decoding", self.batcher.running_rows),
             ("vblora_generated_tokens_total", "counter", "tokens generated", b.generated_tokens),
+            ("vblora_joined_rows_total", "counter", "rows that joined a batch already decoding",
+             b.joined_rows),
             ("vblora_tokens_per_second", "gauge", "generated tokens per decoding second", f"{rate:.6g}"),
             ("vblora_last_batch_tokens_per_second", "gauge", "tokens per second of the last batch",
              f"{b.last_tokens_per_second:.6g}"),
