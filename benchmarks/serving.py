@@ -459,6 +459,10 @@ def main() -> None:
     parser.add_argument(
         "--device", default="cpu", help="where the SmolLM2 model runs (cuda: benchmarks/gpu.py)"
     )
+    parser.add_argument(
+        "--parts", default="loads,batches,server,memory,vllm",
+        help="comma-separated cases to run (default: all; vllm only with --vllm-python)",
+    )  # fmt: skip
     parser.add_argument("--memory-child", type=pathlib.Path, help=argparse.SUPPRESS)  # bench_memory's process
     args = parser.parse_args()
     if args.memory_child is not None:
@@ -470,6 +474,7 @@ def main() -> None:
     rounds = args.rounds or (1 if args.quick else 3)
     n_memory = args.adapters or (100 if args.quick else 1000)
     new = args.new_tokens
+    parts = set(args.parts.split(","))
     print(
         f"vblora {version('vblora')} torch {torch.__version__} "
         f"transformers {transformers.__version__} python {platform.python_version()} "
@@ -486,29 +491,15 @@ def main() -> None:
         print(f"\nwrote {len(names)} SmolLM2-shaped adapters in {time.perf_counter() - t:.1f} s")
 
         store = AdapterStore(base, [folder], max_adapters=len(names) + 1)
-        print("\n" + "\n".join(bench_cold_loads(store, folder, names[:21])))
-        print("\n" + "\n".join(bench_batches(store, tokenizer, names, rounds, new)))
-
-        servers = {}
-        for mode in ("continuous", "static"):
-            batcher = Batcher(
-                store, tokenizer, max_batch=32, max_queue=512, max_wait=0.01, continuous=mode == "continuous"
-            )
-            limit = max(256, new)
-            engine = Engine(store, batcher, tokenizer, "smollm2", max_tokens=limit, max_model_len=8192)
-            servers[mode] = (batcher, Server(engine))
-        url = servers["continuous"][1].url
-        try:
-            print("\n" + "\n".join(bench_server(url, names, vocab, rounds, new, "vblora serve", args.quick)))
-            urls = {mode: server.url for mode, (_, server) in servers.items()}
-            print("\n" + "\n".join(bench_batching(urls, names, vocab, rounds, new, args.quick)))
-            print("\n" + "\n".join(bench_overhead(store, tokenizer, url, names, rounds, new)))
-        finally:
-            for batcher, server in servers.values():
-                server.stop()
-                batcher.close()
-        print("\n" + "\n".join(bench_memory(folder, names[:n_memory])))
-        if args.vllm_python:
+        if "loads" in parts:
+            print("\n" + "\n".join(bench_cold_loads(store, folder, names[:21])))
+        if "batches" in parts:
+            print("\n" + "\n".join(bench_batches(store, tokenizer, names, rounds, new)))
+        if "server" in parts:
+            bench_servers(store, tokenizer, names, rounds, new, args.quick)
+        if "memory" in parts:
+            print("\n" + "\n".join(bench_memory(folder, names[:n_memory])))
+        if args.vllm_python and "vllm" in parts:
             model_dir = str(pathlib.Path.home() / ".cache" / "vblora" / "smollm2-135m-instruct-fp32")
             print(
                 "\n"
@@ -516,6 +507,31 @@ def main() -> None:
                     bench_vllm(args.vllm_python, model_dir, folder, names, vocab, rounds, new, args.quick)
                 )
             )
+
+
+def bench_servers(
+    store: AdapterStore, tokenizer, names: list[str], rounds: int, new: int, quick: bool
+) -> None:
+    """The server cases: latency and throughput, continuous against static batching, overhead."""
+    vocab = len(tokenizer)
+    servers = {}
+    for mode in ("continuous", "static"):
+        batcher = Batcher(
+            store, tokenizer, max_batch=32, max_queue=512, max_wait=0.01, continuous=mode == "continuous"
+        )
+        limit = max(256, new)
+        engine = Engine(store, batcher, tokenizer, "smollm2", max_tokens=limit, max_model_len=8192)
+        servers[mode] = (batcher, Server(engine))
+    url = servers["continuous"][1].url
+    try:
+        print("\n" + "\n".join(bench_server(url, names, vocab, rounds, new, "vblora serve", quick)))
+        urls = {mode: server.url for mode, (_, server) in servers.items()}
+        print("\n" + "\n".join(bench_batching(urls, names, vocab, rounds, new, quick)))
+        print("\n" + "\n".join(bench_overhead(store, tokenizer, url, names, rounds, new)))
+    finally:
+        for batcher, server in servers.values():
+            server.stop()
+            batcher.close()
 
 
 if __name__ == "__main__":
