@@ -334,3 +334,23 @@ def test_gathered_delta_equals_a_plain_loop(index) -> None:
         i = n if index is None else index[n]
         want = torch.zeros(4, 8) if i == len(factors) else x[n] @ factors[i][0].T @ factors[i][1].T
         torch.testing.assert_close(got[n], want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_with_stacked_factors_deep_copies_and_pickles() -> None:
+    import copy
+    import io
+
+    model = llama_with_adapters().eval()
+    inputs = model_inputs("llama", batch=3)
+    with torch.no_grad():
+        want = output_tensor(model(**inputs, adapter_names=["a", "b", "c"]))
+    assert model.adapters.stacks  # weak references inside
+    for twin in (copy.deepcopy(model), torch.load(_saved(model, io.BytesIO()), weights_only=False)):
+        with torch.no_grad():
+            torch.testing.assert_close(output_tensor(twin(**inputs, adapter_names=["a", "b", "c"])), want)
+
+
+def _saved(model, buffer):
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return buffer

@@ -28,6 +28,7 @@ from vblora import (
     prepare_model_for_kbit_training,
     save_compact,
 )
+from vblora.core import functional as VF
 from vblora.layers.base import kind_of
 from vblora.layers.bnb import LINEAR_4BIT, LINEAR_8BIT
 
@@ -180,6 +181,51 @@ def test_forward_and_gradients_equal_the_dequantized_reference(bases, quant: str
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
     base = bases[quant].model.layers[0].self_attn.q_proj
     assert all(not p.requires_grad for p in base.parameters())
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("quant", ["nf4", "fp4"])
+def test_a_4bit_training_step_fuses_the_adapter_without_keeping_a_dense_weight(
+    monkeypatch, quant: str, double_quant: bool
+) -> None:
+    """A training step through a 4-bit layer accumulates B(Ax) into the dequantized matmul, as on a
+    plain linear layer, and dequantizes again in backward as bitsandbytes does: it keeps no dense
+    (out, in) weight between forward and backward, and equals bitsandbytes' own path."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48)
+    q = quantized_linear(lin, quant, double_quant)
+    config = VBLoRAConfig(**{**CONFIG, "target_modules": ["0"]})
+    model = get_vblora_model(nn.Sequential(q), config).train()
+    x = torch.randn(5, 3, 64, requires_grad=True)
+
+    def step(fused: bool) -> tuple[torch.Tensor, ...]:
+        with monkeypatch.context() as patch:
+            if not fused:
+                patch.setattr(type(LINEAR_4BIT), "recomputed_weight", lambda self, module, x: None)
+            saved: list[tuple[int, ...]] = []
+            x.grad = None
+            for p in model.vblora_banks["default"].parameters():
+                p.grad = None
+            with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append(tuple(t.shape)) or t, lambda t: t
+            ):
+                y = model(x)
+            (y * y).sum().backward()
+            grads = [p.grad.clone() for p in model.vblora_banks["default"].parameters()]
+            return y.detach(), x.grad.clone(), *grads, saved
+
+    calls = []
+    original = VF.linear_with_adapter_recomputed
+    monkeypatch.setattr(VF, "linear_with_adapter_recomputed", lambda *a: calls.append(1) or original(*a))
+    *fused, saved = step(True)
+    assert calls  # the fused path ran
+    *plain, _ = step(False)
+    assert len(calls) == 1
+    assert (48, 64) not in saved and (64, 48) not in saved  # no dense weight kept for backward
+    for got, want in zip(fused, plain):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # inference keeps bitsandbytes' own kernels
+        torch.testing.assert_close(model(x), fused[0], rtol=1e-5, atol=1e-5)
 
 
 def test_adapter_changes_the_quantized_model(bases) -> None:

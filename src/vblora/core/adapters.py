@@ -37,9 +37,10 @@ class AdapterSet:
         self._cells: list[list[tuple[str, ...]]] = []  # one per thread that ran a pass
         self._local = threading.local()  # .cell: this thread's
 
-    def __getstate__(self) -> dict[str, Any]:  # deepcopy/pickle: thread state stays behind
+    def __getstate__(self) -> dict[str, Any]:  # deepcopy/pickle: thread state and stacks stay behind
         state = self.__dict__.copy()
         del state["_cells"], state["_local"]
+        state["stacks"] = {}  # weak references cannot be pickled, and the copy composes its own
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

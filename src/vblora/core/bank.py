@@ -144,7 +144,8 @@ class AdapterBank(nn.Module):
     """The trainable state of one adapter: ``bank (h, b)`` and ``logits (P, h)``.
 
     Layers never register this module; they ask it for their factors with :meth:`factors`.
-    The owning model calls :meth:`refresh` once per forward pass.
+    The owning model calls :meth:`refresh` once per forward pass. ``layout`` is shared, read only,
+    by every bank with the same layout (:func:`shared_table_plan`).
     """
 
     def __init__(

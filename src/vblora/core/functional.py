@@ -6,6 +6,7 @@ A sub-vector is the top-k admixture of bank vectors: ``s = sum_{i in topk(z)} so
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -239,6 +240,44 @@ class _LinearWithAdapter(torch.autograd.Function):
         ga = gh.T @ x2 if need_a else None
         gb = g.T @ h if need_b else None
         return gx, gw, gbias, ga, gb
+
+
+def linear_with_adapter_recomputed(
+    x: Tensor, weight_fn: Callable[[], Tensor], bias: Tensor | None, a: Tensor, b: Tensor
+) -> Tensor:
+    """:func:`linear_with_adapter` over a frozen weight that ``weight_fn`` rebuilds (a quantized
+    layer's dequantized weight): built in forward and again in backward, never kept between them,
+    so the step holds no more full-precision weights than the quantized layer's own matmul does."""
+    return _RecomputedLinearWithAdapter.apply(x, bias, a, b, weight_fn)
+
+
+class _RecomputedLinearWithAdapter(torch.autograd.Function):
+    """Autograd of :func:`linear_with_adapter_recomputed`: no weight gradient (the weight is frozen)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, weight_fn: Callable[[], Tensor]
+    ) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        weight = weight_fn()  # (out, in)
+        h = x2 @ a.T  # (N, r)
+        y = x2 @ weight.T if bias is None else torch.addmm(bias, x2, weight.T)
+        y.addmm_(h, b.T)  # (N, out)
+        ctx.save_for_backward(x2, a, b, h)
+        ctx.weight_fn, ctx.x_shape = weight_fn, x.shape
+        return y.view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x2, a, b, h = ctx.saved_tensors
+        need_x, need_bias, need_a, need_b, _ = ctx.needs_input_grad
+        g = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        gh = g @ b if need_x or need_a else None  # (N, r)
+        gx = (g @ ctx.weight_fn()).addmm_(gh, a).view(ctx.x_shape) if need_x else None
+        gbias = g.sum(0) if need_bias else None
+        ga = gh.T @ x2 if need_a else None
+        gb = g.T @ h if need_b else None
+        return gx, gbias, ga, gb, None
 
 
 def topk_compress(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:

@@ -15,6 +15,7 @@ dequantizes the base first (the default target) or, when asked, requantizes in p
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -130,6 +131,21 @@ class Linear4bitKind(QuantizedKind):
             data, state = _convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(state))
         with torch.no_grad():
             return _bnb_functional().dequantize_4bit(data, state).float()
+
+    def recomputed_weight(self, module: nn.Module, x: Tensor) -> Callable[[], Tensor] | None:
+        """For a training step: a function giving dequant(W) in ``x``'s dtype, the weight the
+        layer's own training matmul multiplies by (bitsandbytes dequantizes it in forward and again
+        in backward, keeping only the 4-bit bytes); None where the layer computes otherwise (its
+        packed inference layout, another compute dtype, not quantized yet, not on the CPU)."""
+        state = module.weight.quant_state
+        if state is None or getattr(state, "packing_format_for_cpu", False) or x.device.type != "cpu":
+            return None
+        if getattr(module, "compute_dtype", None) != x.dtype:
+            return None
+        if module.bias is not None and module.bias.dtype != x.dtype:
+            return None
+        data, dtype = module.weight.data, x.dtype
+        return lambda: _bnb_functional().dequantize_4bit(data, state).to(dtype)
 
     def _state(self, module: nn.Module) -> tuple[Any, ...]:
         return module.weight.data, module.weight.quant_state, getattr(module, "quant_state", None)

@@ -51,9 +51,13 @@ def layer_features(module: nn.Module) -> tuple[int, int, bool]:
 
 def _unobserved(kind: LayerKind, module: nn.Module) -> bool:
     """A stock layer whose call can be skipped: no hooks, its own ``forward``."""
+    return kind.is_stock(module) and _hookless(module)
+
+
+def _hookless(module: nn.Module) -> bool:
+    """Nobody observes the layer's call: no hooks, its own ``forward``."""
     return (
-        kind.is_stock(module)
-        and "forward" not in module.__dict__  # e.g. accelerate's device-map hooks replace it
+        "forward" not in module.__dict__  # e.g. accelerate's device-map hooks replace it
         and not (module._forward_hooks or module._forward_pre_hooks)
         and not (module._backward_hooks or module._backward_pre_hooks)
         and not (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
@@ -202,6 +206,10 @@ class VBLoRALayer(nn.Module):
             fused = self._fusable(x, base)
             if fused is not None:
                 return VF.linear_with_adapter(x, *fused)
+        elif routing is None and not (args or kwargs) and torch.is_grad_enabled() and _hookless(base):
+            recomputed = self._fusable_quantized(x, base)
+            if recomputed is not None:
+                return VF.linear_with_adapter_recomputed(x, *recomputed)
         result = base.forward(x) if plain else base(x, *args, **kwargs)
         if self.disabled:
             return result
@@ -219,6 +227,33 @@ class VBLoRALayer(nn.Module):
         """(weight (out, in), bias, A, B) when the one adapter to apply can be fused into the matmul
         of ``base`` (:func:`~vblora.functional.linear_with_adapter`), a plain linear layer that nobody
         observes (no hooks, no replaced forward): no dropout, no autocast and a single dtype."""
+        factors = self._single_factors(x)
+        if factors is None:
+            return None
+        weight = self.kind.dense_weight(base)
+        if not x.dtype == weight.dtype == factors[0].dtype:
+            return None
+        return weight, base.bias, *factors
+
+    def _fusable_quantized(
+        self, x: Tensor, base: nn.Module
+    ) -> tuple[Callable[[], Tensor], Tensor | None, Tensor, Tensor] | None:
+        """(dequantizing function, bias, A, B) when a training step through a quantized layer
+        whose kind multiplies by a dequantized weight (bitsandbytes 4-bit) can fuse the adapter into
+        that matmul (:func:`~vblora.functional.linear_with_adapter_recomputed`). Inference keeps the
+        layer's own kernels."""
+        recompute = getattr(self.kind, "recomputed_weight", None)
+        factors = self._single_factors(x) if recompute is not None else None
+        if factors is None or not (x.requires_grad or factors[0].requires_grad):
+            return None
+        weight_fn = recompute(base, x)
+        if weight_fn is None or factors[0].dtype != x.dtype:
+            return None
+        return weight_fn, base.bias, *factors
+
+    def _single_factors(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(A, B) of the one adapter this layer applies, when it may be fused into the base matmul:
+        nothing merged or disabled, no dropout in training, no autocast."""
         if len(self._active) != 1 or self.disabled or self.merged_adapters:
             return None
         name = self._active[0]
@@ -226,11 +261,7 @@ class VBLoRALayer(nn.Module):
             return None
         if (self.training and self.dropout_rates[name] > 0) or _autocast(x.device.type):
             return None
-        a, b = self.banks[name].factors(self.path)
-        weight = self.kind.dense_weight(base)
-        if not x.dtype == weight.dtype == a.dtype:
-            return None
-        return weight, base.bias, a, b
+        return self.banks[name].factors(self.path)
 
     def _forward_mixed(self, x: Tensor, result: Tensor, routing: RowRouting) -> Tensor:
         """One adapter per row. Two or more adapters here: every row's branch at once, from the
