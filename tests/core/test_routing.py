@@ -354,3 +354,24 @@ def _saved(model, buffer):
     torch.save(model, buffer)
     buffer.seek(0)
     return buffer
+
+
+def test_threads_that_ended_leave_no_trace_of_their_passes() -> None:
+    """A thread-per-request server runs each pass on a new thread: the model keeps a record only for
+    the threads alive, not one for every thread that ever ran."""
+    import threading
+
+    model = llama_with_adapters().eval()
+    inputs = model_inputs("llama", batch=2)
+
+    def run() -> None:
+        with torch.no_grad():
+            model(**inputs, adapter_names=["a", "b"])
+
+    for _ in range(30):
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+    run()  # this thread too
+    assert len(model.adapters._cells) <= 2
+    assert model.adapters._in_flight() == set()

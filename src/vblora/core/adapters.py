@@ -9,11 +9,20 @@ thread, so two threads running passes on one model at once never end or evict ea
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Any
 
+import torch
 from torch import nn
 
 from .bank import AdapterBank
+
+
+def _alive(thread: weakref.ref[threading.Thread] | None) -> bool:
+    if thread is None:
+        return True
+    t = thread()
+    return t is not None and t.is_alive()
 
 
 class AdapterSet:
@@ -33,13 +42,17 @@ class AdapterSet:
 
     def _init_passes(self) -> None:
         # Each thread records its pass in its own cell (a one-item list), so passes need no lock
-        # (torch.compile traces none) and one thread never ends or evicts another's pass.
-        self._cells: list[list[tuple[str, ...]]] = []  # one per thread that ran a pass
+        # (torch.compile traces none) and one thread never ends or evicts another's pass. _cells
+        # holds one per live thread that ran a pass; _owners, in the same order, those threads
+        # (weakly). Both lists are replaced together, never changed in place.
+        self._cells: list[list[tuple[str, ...]]] = []
+        self._owners: list[weakref.ref[threading.Thread] | None] = []  # None: not known, kept
+        self._cells_lock = threading.Lock()  # taken once per new thread, never during a pass
         self._local = threading.local()  # .cell: this thread's
 
     def __getstate__(self) -> dict[str, Any]:  # deepcopy/pickle: thread state and stacks stay behind
         state = self.__dict__.copy()
-        del state["_cells"], state["_local"]
+        del state["_cells"], state["_owners"], state["_local"], state["_cells_lock"]
         state["stacks"] = {}  # weak references cannot be pickled, and the copy composes its own
         return state
 
@@ -51,11 +64,19 @@ class AdapterSet:
         cell = getattr(self._local, "cell", None)
         if cell is None:
             cell = self._local.cell = [()]
-            self._cells.append(cell)
+            if torch.compiler.is_compiling():  # no lock, no thread object in a traced graph: kept
+                self._owners, self._cells = [*self._owners, None], [*self._cells, cell]
+                return cell
+            me = weakref.ref(threading.current_thread())
+            with self._cells_lock:  # a thread that has ended leaves its cell: dropped here, so a
+                # thread-per-request server does not grow the list (or the walk of _in_flight)
+                live = [(t, c) for t, c in zip(self._owners, self._cells) if _alive(t)]
+                self._owners = [*(t for t, _ in live), me]
+                self._cells = [*(c for _, c in live), cell]
         return cell
 
     def _in_flight(self) -> set[str]:
-        return {name for cell in list(self._cells) for name in cell[0]}
+        return {name for cell in self._cells for name in cell[0]}  # the list is replaced, never changed
 
     def bank(self, name: str) -> AdapterBank:
         return self.banks[name]  # type: ignore[return-value]
