@@ -163,7 +163,7 @@ def plan_adapter(
     for path, module in targets:
         base = unwrapped(module)
         kind = kind_of(base)
-        assert kind is not None  # find_targets returns supported layers only
+        assert kind is not None  # find_target_modules returns supported layers only
         in_features, out_features = kind.features(base)
         problem = divisibility_problem(path, in_features, out_features, config.vector_length)
         if problem:

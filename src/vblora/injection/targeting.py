@@ -124,11 +124,6 @@ def walk_modules(model: nn.Module, with_save_wrappers: bool = False) -> Iterator
     return iter(found)
 
 
-def find_targets(model: nn.Module, config: VBLoRAConfig, exclude: Sequence[str] = ()) -> list[str]:
-    """Paths of the modules ``config`` selects in ``model``, in model order (:func:`find_target_modules`)."""
-    return [path for path, _ in find_target_modules(model, config, exclude)]
-
-
 def find_target_modules(
     model: nn.Module, config: VBLoRAConfig, exclude: Sequence[str] = ()
 ) -> list[tuple[str, nn.Module]]:
